@@ -335,7 +335,8 @@ def tokenizer_files(meta: dict, path: Path) -> dict[str, dict]:
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": None,
+        # Qwen2's own tokenizer.json normalizes to NFC; llama/gpt2 tokenizers do not.
+        "normalizer": {"type": "NFC"} if pre == "qwen2" else None,
         "pre_tokenizer": pretok,
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
                            "use_regex": True},
@@ -376,7 +377,10 @@ def _check_tokenizer(folder: Path, path: Path) -> None:
     """A rebuilt tokenizer must round-trip text exactly, or the import is wrong."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # the tokenizers library raises a bare Exception
+        raise GGUFError(f"{path}: rebuilt tokenizer is invalid ({exc})") from exc
     sample = "The capital of France is Paris. 1,234.5 kW — Größe: 東京? {\"a\": [1, 2]}\n"
     ids = tok.encode(sample, add_special_tokens=False).ids
     back = tok.decode(ids, skip_special_tokens=False)
@@ -392,13 +396,18 @@ def import_gguf(gguf: Path, dest: Path, opts: ImportOptions | None = None) -> Pa
     """
     opts = opts or ImportOptions()
     gguf, dest = Path(gguf), Path(dest)
-    weights, meta = read_gguf(gguf)
-    config = model_config(meta, gguf, has_output="output.weight" in weights)
-    tensors, quant = convert_tensors(weights, config, meta, gguf, opts)
+    try:
+        weights, meta = read_gguf(gguf)
+        config = model_config(meta, gguf, has_output="output.weight" in weights)
+        tensors, quant = convert_tensors(weights, config, meta, gguf, opts)
+        tok_files = tokenizer_files(meta, gguf)
+    except GGUFError:
+        raise
+    except Exception as exc:  # a header that parses but holds nonsense (wrong types, shapes)
+        raise GGUFError(f"{gguf}: cannot convert ({type(exc).__name__}: {exc})") from exc
     if quant:
         config["quantization"] = quant
     config["torch_dtype"] = opts.dtype
-    tok_files = tokenizer_files(meta, gguf)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -121,10 +121,10 @@ def read_card(folder: Path) -> ModelCard | None:
 
 def card_for(folder: Path, name: str | None = None, source: dict | None = None) -> ModelCard:
     """The stored card of an imported folder, or one computed now for any local folder."""
-    card = read_card(folder)
-    if card is not None:
-        return card
     config = check_folder(folder)
+    card = read_card(folder)
+    if card is not None and card.path == str(folder):
+        return card  # hashed when it was imported
     files = folder_files(folder, skip=(CARD,))
     return ModelCard(name=name or folder.name, path=str(folder), source=source or {"kind": "local"},
                      fingerprint=folder_fingerprint(files), model_type=config.get("model_type"),
