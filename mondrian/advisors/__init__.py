@@ -1,0 +1,1 @@
+"""Advisor contracts shipped with mondrian, one YAML file each."""
