@@ -234,8 +234,8 @@ class Linker:
             obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise Reject("invalid_json", f"{where}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-        except ValueError as exc:
-            raise Reject("invalid_json", f"{where}: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # NaN, duplicate keys, absurd nesting
+            raise Reject("invalid_json", f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise Reject("invalid_json", f"{where} is a JSON {type(obj).__name__}, not an object")
         return obj

@@ -1,0 +1,213 @@
+"""Linking, record by record: a hostile job table never crashes the linker or loses a job."""
+
+import io
+import json
+import os
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from lora.link import REASONS, link_workspace
+from lora.mondrian_images import generate_image
+from mondrian.config import ConfigError
+from mondrian.contracts import load_advisors
+from mondrian.db import DBError, create_jobs_table, open_db
+from mondrian.workspace import load_workspace
+
+FIT = {"query_type": "search", "technology": "Wind", "capacity_min_kw": 100.0,
+       "postcode_patterns": ["RG", "SL"]}
+
+
+def _png(seed: int, size: int = 48) -> tuple[bytes, dict]:
+    img, analysis = generate_image(seed, size=size)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue(), analysis
+
+
+def _write(path, data: bytes | str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A workspace whose job table holds every kind of bad record, and what each must become."""
+    data = tmp_path / "data"
+    jobs, expect = [], []
+
+    def job(expected: str, **kw):
+        jobs.append({"job_id": f"j{len(jobs):03d}", "advisor": "photo-critic", "status": "completed"} | kw)
+        expect.append(expected)
+
+    good_png, good_analysis = _png(1)
+    _write(data / "img" / "good.png", good_png)
+    _write(data / "out" / "a1.json", json.dumps(good_analysis))
+    job("linked", image_path="img/good.png", analysis_path="out/a1.json")
+    # the same id again, on an otherwise good record
+    uni_png, uni_analysis = _png(2)
+    _write(data / "img" / "café 東京 ☀.png", uni_png)
+    _write(data / "out" / "a2.json", json.dumps(uni_analysis))
+    job("duplicate_job_id", job_id="j000", image_path="img/café 東京 ☀.png", analysis_path="out/a2.json")
+    job("linked", image_path="img/café 東京 ☀.png", analysis_path="out/a2.json")  # unicode name
+    job("path_outside_root", image_path="../../etc/passwd", analysis_path="out/a1.json")
+    job("path_outside_root", image_path="/etc/hostname", analysis_path="out/a1.json")
+    os.symlink("/etc/hostname", data / "img" / "escape.png")
+    job("path_outside_root", image_path="img/escape.png", analysis_path="out/a1.json")
+    job("path_outside_root", image_path="img/good.png", analysis_path="../../../etc/passwd")
+    _write(data / "img" / "zero.png", b"")
+    job("image_unreadable", image_path="img/zero.png", analysis_path="out/a1.json")
+    trunc_png, trunc_analysis = _png(3)
+    _write(data / "img" / "trunc.png", trunc_png[: len(trunc_png) // 2])
+    job("image_unreadable", image_path="img/trunc.png", analysis_path="out/a1.json")
+    _write(data / "img" / "text.png", "this is not an image")
+    job("image_unreadable", image_path="img/text.png", analysis_path="out/a1.json")
+    (data / "img" / "folder.png").mkdir()
+    job("image_unreadable", image_path="img/folder.png", analysis_path="out/a1.json")
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81 Mpx in ~10 kB
+    _write(data / "img" / "bomb.png", bomb.getvalue())
+    job("image_too_large", image_path="img/bomb.png", analysis_path="out/a1.json")
+    job("image_missing", image_path="img/nope.png", analysis_path="out/a1.json")
+    p4, a4 = _png(4)
+    _write(data / "img" / "p4.png", p4)
+    _write(data / "out" / "a4.json", json.dumps(a4))
+    job("image_hash_mismatch", image_path="img/p4.png", analysis_path="out/a4.json", image_sha256="0" * 64)
+    job("analysis_missing", image_path="img/p4.png")
+    job("analysis_missing", image_path="img/p4.png", analysis_path="out/missing.json")
+    job("analysis_missing", image_path="img/p4.png", analysis_path="out")
+    _write(data / "out" / "big.json", b'{"comment": "' + b"x" * (50 * 1024 * 1024) + b'"}')
+    job("analysis_too_large", image_path="img/p4.png", analysis_path="out/big.json")
+    _write(data / "out" / "latin1.json", '{"comment": "café"}'.encode("latin-1"))
+    job("invalid_json", image_path="img/p4.png", analysis_path="out/latin1.json")
+    for name, text in [("cut", '{"dominant_color": "red", "prim'), ("single", "{'a': 1}"),
+                       ("nan", '{"composition_score": NaN}'), ("array", "[1, 2]"),
+                       ("dupkey", '{"balance": "balanced", "balance": "left-heavy"}'),
+                       ("deep", "[" * 200000 + "]" * 200000), ("trailing", json.dumps(a4) + " garbage")]:
+        _write(data / "out" / f"{name}.json", text)
+        job("invalid_json", image_path="img/p4.png", analysis_path=f"out/{name}.json")
+    _write(data / "out" / "bad.json", json.dumps(a4 | {"composition_score": 11.5}))
+    job("contract_violation", image_path="img/p4.png", analysis_path="out/bad.json")
+    job("linked", image_path="img/p4.png", analysis_path="out/a4.json")
+    job("duplicate", image_path="img/p4.png", analysis_path="out/a4.json")
+    _write(data / "out" / "other.json", json.dumps(a4 | {"comment": "Something else."}))
+    job("duplicate_conflict", image_path="img/p4.png", analysis_path="out/other.json")
+    job("not_completed", status="failed", image_path="img/p4.png", analysis_path="out/a4.json")
+    job("not_completed", status=None, image_path="img/p4.png", analysis_path="out/a4.json")
+    job("input_missing", image_path=None, analysis_path="out/a4.json")
+    job("unknown_advisor", advisor="legacy-critic", image_path="img/p4.png", analysis_path="out/a4.json")
+    job("job_id_missing", job_id=None, image_path="img/p4.png", analysis_path="out/a4.json")
+    # text advisor
+    job("linked", advisor="fit-query", input_text="wind sites over 100kw in berkshire",
+        analysis_json=json.dumps(FIT))
+    job("duplicate", advisor="fit-query", input_text="  Wind sites OVER 100kw in Berkshire ",
+        analysis_json=json.dumps(FIT | {"capacity_min_kw": 100}))
+    job("input_missing", advisor="fit-query", input_text="   ", analysis_json=json.dumps(FIT))
+    job("input_invalid", advisor="fit-query", input_text=b"caf\xe9 wind", analysis_json=json.dumps(FIT))
+    job("contract_violation", advisor="fit-query", input_text="wind in kent",
+        analysis_json=json.dumps({"query_type": "search", "technology": "wind"}))
+    job("invalid_json", advisor="fit-query", input_text="solar in kent", analysis_json=b"\xff\xfe{}")
+    job("analysis_too_large", advisor="fit-query", input_text="hydro in kent",
+        analysis_json="{" + " " * 2_000_000 + "}")
+
+    db = open_db(tmp_path / "mondrian.db", create=True)
+    create_jobs_table(db)
+    db["jobs"].insert_all(jobs)
+    db.conn.close()
+    return load_workspace(tmp_path), expect
+
+
+def _rows(summary):
+    with open(os.path.join(summary.manifest, "manifest.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_every_hostile_record_gets_its_reason(hostile):
+    ws, expect = hostile
+    summary = link_workspace(ws, progress=False)
+    rows = _rows(summary)
+    assert len(rows) == summary.total == len(expect)  # nothing silently dropped
+    assert summary.conserved and summary.linked + summary.rejected == len(expect)
+    got = ["linked" if r["status"] == "linked" else r["reason"] for r in rows]
+    assert got == expect
+    assert all(r["detail"] for r in rows if r["status"] == "rejected")
+    assert set(summary.by_reason) == set(REASONS)  # the fixture covers every reason
+    assert summary.linked == expect.count("linked")
+
+
+def test_violations_name_the_json_path(hostile):
+    ws, _ = hostile
+    rows = _rows(link_workspace(ws, progress=False))
+    details = [r["detail"] for r in rows if r.get("reason") == "contract_violation"]
+    assert any(d.startswith("$.composition_score:") for d in details)
+    assert any(d.startswith("$.technology:") for d in details)
+
+
+def test_linked_rows_are_normalized_and_grouped(hostile):
+    ws, _ = hostile
+    rows = [r for r in _rows(link_workspace(ws, progress=False)) if r["status"] == "linked"]
+    fit = next(r for r in rows if r["advisor"] == "fit-query")
+    assert fit["output"] == {"query_type": "search", "technology": "Wind", "capacity_min_kw": 100,
+                             "postcode_patterns": ["RG", "SL"]}
+    assert list(fit["output"]) == [k for k in load_advisors()["fit-query"].fields if k in fit["output"]]
+    photo = [r for r in rows if r["advisor"] == "photo-critic"]
+    assert all(r["group"] == r["input"]["image_sha256"] for r in photo)
+
+
+def test_relink_uses_the_hash_cache_and_sees_changes(hostile):
+    ws, _ = hostile
+    first = link_workspace(ws, progress=False)
+    assert first.cache["misses"] > 0
+    again = link_workspace(ws, progress=False)
+    assert again.cache["misses"] == 0 and again.cache["hits"] == first.cache["misses"] + first.cache["hits"]
+    assert again.fingerprints["manifest_sha256"] == first.fingerprints["manifest_sha256"]
+    # replace an image's content: the cache must notice (size/mtime) and the answer changes
+    png, _ = _png(99)
+    (ws.data_path / "img" / "good.png").write_bytes(png)
+    third = link_workspace(ws, progress=False)
+    assert third.cache["misses"] == 1
+    assert third.fingerprints["manifest_sha256"] != first.fingerprints["manifest_sha256"]
+
+
+def test_failed_link_keeps_the_previous_manifest(hostile, monkeypatch):
+    ws, _ = hostile
+    summary = link_workspace(ws, progress=False)
+    before = (ws.path("manifest") / "manifest.jsonl").read_bytes()
+    from lora import link as link_mod
+
+    def boom(self, job):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(link_mod.Linker, "link", boom)
+    with pytest.raises(RuntimeError):
+        link_workspace(ws, progress=False)
+    assert (ws.path("manifest") / "manifest.jsonl").read_bytes() == before
+    assert not [p for p in ws.path(".").iterdir() if p.name.startswith(".manifest")]
+    assert summary.conserved
+
+
+def test_column_mapping_reads_a_foreign_schema(tmp_path):
+    conn = sqlite3.connect(tmp_path / "legacy.db")
+    conn.execute("CREATE TABLE analysis_jobs (uid TEXT, kind TEXT, state TEXT, question TEXT, result TEXT)")
+    conn.execute("INSERT INTO analysis_jobs VALUES ('a', 'fit-query', 'DONE', 'solar in kent', ?)",
+                 (json.dumps({"query_type": "search", "technology": "Photovoltaic",
+                              "postcode_patterns": ["BR", "CT", "DA", "ME", "TN"]}),))
+    conn.commit()
+    conn.close()
+    cfg = {"db": "legacy.db", "jobs_table": "analysis_jobs", "completed_status": ["done"],
+           "columns": {"job_id": "uid", "advisor": "kind", "status": "state", "input_text": "question",
+                       "analysis_json": "result", "image_path": None, "image_sha256": None,
+                       "analysis_path": None, "model": None, "created_at": None, "completed_at": None}}
+    (tmp_path / "mondrian.yaml").write_text(json.dumps(cfg))
+    summary = link_workspace(load_workspace(tmp_path), progress=False)
+    assert (summary.total, summary.linked) == (1, 1)
+
+    cfg["columns"]["input_text"] = "query"
+    (tmp_path / "mondrian.yaml").write_text(json.dumps(cfg))
+    with pytest.raises(DBError, match="input_text -> 'query'.*question"):
+        link_workspace(load_workspace(tmp_path), progress=False)
+    cfg["columns"]["qestion"] = "x"
+    (tmp_path / "mondrian.yaml").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) qestion"):
+        load_workspace(tmp_path)
