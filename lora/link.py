@@ -100,9 +100,11 @@ class LinkSummary:
         return asdict(self) | {"conserved": self.conserved}
 
 
-class ImageCache:
-    """What we learned about each image file, keyed by (path, size, mtime): a relink
-    neither re-hashes nor re-decodes an unchanged file."""
+class LinkCache:
+    """What earlier runs learned, so a relink of unchanged data is fast:
+    - images, keyed by (real path, size, mtime): sha256, size in pixels, or why unreadable;
+    - contract verdicts, keyed by sha256(contract fingerprint + analysis bytes).
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,30 +112,44 @@ class ImageCache:
         self.conn.execute("CREATE TABLE IF NOT EXISTS images (path TEXT PRIMARY KEY, size INTEGER, "
                           "mtime_ns INTEGER, sha256 TEXT, width INTEGER, height INTEGER, "
                           "reason TEXT, detail TEXT, max_pixels INTEGER)")
-        self.rows = {r[0]: r[1:] for r in self.conn.execute("SELECT * FROM images")}
-        self.new: dict[str, tuple] = {}
+        self.conn.execute("CREATE TABLE IF NOT EXISTS verdicts (key BLOB PRIMARY KEY, detail TEXT)")
+        self.images = {r[0]: r[1:] for r in self.conn.execute("SELECT * FROM images")}
+        self.verdicts = dict(self.conn.execute("SELECT key, detail FROM verdicts"))
+        self.new_images: dict[str, tuple] = {}
+        self.new_verdicts: dict[bytes, str | None] = {}
         self.hits = self.misses = 0
 
-    def get(self, path: str, st: os.stat_result, max_pixels: int) -> tuple | None:
-        row = self.rows.get(path)
+    def image(self, path: str, st: os.stat_result, max_pixels: int) -> tuple | None:
+        row = self.images.get(path)
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns and row[7] == max_pixels:
             self.hits += 1
             return row
         self.misses += 1
         return None
 
-    def put(self, path: str, row: tuple) -> None:
-        self.rows[path] = self.new[path] = row
+    def put_image(self, path: str, row: tuple) -> None:
+        self.images[path] = self.new_images[path] = row
+
+    def verdict(self, key: bytes) -> tuple[bool, str | None]:
+        """(known, violation detail or None when the analysis meets the contract)."""
+        if key in self.verdicts:
+            return True, self.verdicts[key]
+        return False, None
+
+    def put_verdict(self, key: bytes, detail: str | None) -> None:
+        self.verdicts[key] = self.new_verdicts[key] = detail
 
     def save(self) -> None:
         with self.conn:
             self.conn.executemany("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?)",
-                                  [(k, *v) for k, v in self.new.items()])
+                                  [(k, *v) for k, v in self.new_images.items()])
+            self.conn.executemany("INSERT OR REPLACE INTO verdicts VALUES (?,?)",
+                                  list(self.new_verdicts.items()))
         self.conn.close()
 
 
 class Linker:
-    def __init__(self, ws: Workspace, advisors: dict[str, Advisor], cache: ImageCache):
+    def __init__(self, ws: Workspace, advisors: dict[str, Advisor], cache: LinkCache):
         self.ws, self.advisors, self.cache = ws, advisors, cache
         self.root = os.path.realpath(ws.data_path)
         self.completed = {s.strip().lower() for s in ws.completed_status}
@@ -161,10 +177,10 @@ class Linker:
             raise Reject("image_unreadable", f"image {rel!r}: {exc}") from None
         if not os.path.isfile(real):
             raise Reject("image_unreadable", f"image {rel!r} is not a regular file")
-        row = self.cache.get(real, st, self.ws.max_image_pixels)
+        row = self.cache.image(real, st, self.ws.max_image_pixels)
         if row is None:
             row = (st.st_size, st.st_mtime_ns, *self._inspect(real, rel), self.ws.max_image_pixels)
-            self.cache.put(real, row)
+            self.cache.put_image(real, row)
         _, _, sha, _, _, reason, detail, _ = row
         if reason:
             raise Reject(reason, detail)
@@ -199,7 +215,7 @@ class Linker:
         return sha, w, h, None, None
 
     # -- analyses ------------------------------------------------------------------------------
-    def analysis(self, job: dict) -> dict:
+    def analysis(self, job: dict) -> tuple[dict, bytes]:
         raw = job.get("analysis_json")
         limit = self.ws.max_analysis_bytes
         if raw is not None and (raw.strip() if isinstance(raw, str | bytes) else True):
@@ -238,7 +254,7 @@ class Linker:
             raise Reject("invalid_json", f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise Reject("invalid_json", f"{where} is a JSON {type(obj).__name__}, not an object")
-        return obj
+        return obj, raw
 
     # -- one job -------------------------------------------------------------------------------
     def link(self, job: dict) -> dict:
@@ -277,11 +293,17 @@ class Linker:
             _, sha = self.image(rel, job.get("image_sha256"))
             inp["image"], inp["image_sha256"] = rel, sha
             group = sha
-        obj = self.analysis(job)
-        problems = advisor.violations(obj)
-        if problems:
+        obj, raw = self.analysis(job)
+        # Schema validation dominates a relink; the verdict for these exact bytes is cached.
+        key = hashlib.sha256(advisor.fingerprint.encode() + b"\0" + raw).digest()
+        known, violation = self.cache.verdict(key)
+        if not known:
+            problems = advisor.violations(obj)
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise Reject("contract_violation", f"{problems[0]}{more}")
+            violation = f"{problems[0]}{more}" if problems else None
+            self.cache.put_verdict(key, violation)
+        if violation:
+            raise Reject("contract_violation", violation)
         output = advisor.normalize(obj)
         out_sha = hashlib.sha256(advisor.render(output).encode()).hexdigest()
         first = self.seen_inputs.get((advisor.name, group))
@@ -325,7 +347,7 @@ def link_workspace(ws: Workspace, out_dir: str | Path | None = None, advisors: l
             raise ValueError(f"unknown advisor(s) {', '.join(unknown)} (known: {', '.join(sorted(contracts))})")
     out = Path(out_dir) if out_dir else Path(ws.root) / "manifest"
     db = open_db(ws.db_path)
-    cache = ImageCache(Path(ws.root) / ".mondrian" / "image_cache.sqlite")
+    cache = LinkCache(Path(ws.root) / ".mondrian" / "link_cache.sqlite")
     linker = Linker(ws, contracts, cache)
     summary = LinkSummary(workspace=ws.root, data_root=str(ws.data_path), manifest=str(out.resolve()))
     jobs_hash, manifest_hash = hashlib.sha256(), hashlib.sha256()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import jsonschema
@@ -42,7 +43,7 @@ class Advisor:
         """Output fields in the order the schema lists them: the order answers are written in."""
         return list(self.schema.get("properties", {}))
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         body = json.dumps({"name": self.name, "input_kind": self.input_kind,
                            "system_prompt": self.system_prompt, "schema": self.schema},
