@@ -283,7 +283,18 @@ def dataset(workspace: str, advisor: str, manifest: str | None, out: str | None,
     if as_json:
         _echo_json(data)
         return
-    click.echo(json.dumps(data.get("counts", data), indent=2))
+    counts = data["counts"]
+    click.echo("  ".join(f"{k} {counts[k]}" for k in ("train", "valid", "test"))
+               + f"  ({sum(counts[k] for k in ('train', 'valid', 'test'))} rows)")
+    leak = data["leakage"]
+    click.echo(f"leakage check: {'ok' if leak['ok'] else 'FAILED'} "
+               f"({len(leak['leaked'])} groups in more than one split)")
+    train = data["tokens"].get("train", {}).get("total") if isinstance(data["tokens"], dict) else None
+    if train:
+        over = sum(data["truncated"][k]["count"] for k in ("train", "valid", "test"))
+        click.echo(f"tokens (train): p50 {train['p50']}, p95 {train['p95']}, max {train['max']}; "
+                   f"{over} rows over max_seq_length {max_seq_length}")
+    click.echo(f"stats: {Path(data['out_dir']) / 'dataset_stats.md'}")
 
 
 @cli.command()

@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import mondrian  # noqa: F401  (BLAS preload before anything imports mlx)
 import numpy as np
 from PIL import Image
 
+import mondrian  # noqa: F401  (BLAS preload before anything imports mlx)
 from lora.fitquery_questions import generate
 from lora.link import link_workspace
 from mondrian.db import create_jobs_table, open_db

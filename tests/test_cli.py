@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from mondrian.cli import cli
 
 COMMANDS = [[], ["info"], ["models"], ["models", "import"], ["models", "list"], ["models", "show"],
-            ["generate"], ["demo"]]
+            ["generate"], ["demo"], ["demo-data"], ["link"], ["dataset"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "mondrian")
