@@ -50,7 +50,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -58,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora.link import normalize_text, text_group  # one definition of "the same input"
+from mondrian.atomic import atomic_folder
 from mondrian.contracts import Advisor
 from mondrian.fingerprint import file_sha256, folder_fingerprint
 
@@ -87,16 +88,6 @@ class LeakageError(DatasetError):
 
 # ---------------------------------------------------------------------------------------------
 # Grouping and splitting
-
-
-def normalize_text(s: str) -> str:
-    """The form two questions must share to count as the same input: lowercase, whitespace
-    runs collapsed to one space, stripped (the same rule `lora/link.py` uses for `group`)."""
-    return " ".join(s.lower().split())
-
-
-def text_group(text: str) -> str:
-    return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()
 
 
 def validate_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
@@ -662,22 +653,6 @@ def _is_ours(folder: Path) -> bool:
         return False
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace `target` with `tmp`; on failure the old `target` is put back."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, trash / "old")
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        os.replace(trash / "old", target)
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def build_dataset(
     manifest_dir: str | os.PathLike[str],
     advisor: Advisor,
@@ -728,9 +703,7 @@ def build_dataset(
                 f"ratio {ratio:g}" for s, ratio in zip(SPLITS, r, strict=True)
                 if ratio > 0 and not by_split[s]]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         images: dict[str, str] = {}  # file name -> sha256
         if any(row.image_src for row in rows):
             (tmp / IMAGES).mkdir()
@@ -768,10 +741,5 @@ def build_dataset(
         stats.pop("seconds")  # the files stay byte-identical from run to run
         (tmp / STATS_JSON).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
         (tmp / STATS_MD).write_text(_markdown(report), encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        _swap_in(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = round(time.perf_counter() - start, 3)
     return report

@@ -26,11 +26,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
-import shutil
 import struct
-import tempfile
 import time
 import uuid
 import zlib
@@ -45,6 +42,7 @@ from tqdm import tqdm
 
 from lora import fitquery_questions
 from lora.mondrian_images import generate_image
+from mondrian.atomic import atomic_folder
 from mondrian.contracts import Advisor, load_advisors
 from mondrian.db import create_jobs_table, open_db
 from mondrian.workspace import CONFIG_NAME, Workspace
@@ -132,25 +130,13 @@ def write_demo_workspace(folder: str | Path, n_fit: int = 2000, n_photo: int = 3
         raise ValueError(f"image_size must be >= 32 (got {image_size})")
     folder = Path(folder).absolute()
     _check_target(folder, overwrite)  # fail before any work
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the workspace is an ordinary folder
-    try:
+    with atomic_folder(folder) as tmp:
         summary = _build(tmp, n_fit, n_photo, seed, image_size, defect_rate, progress)
-        _move_into_place(tmp, folder, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_target(folder, overwrite)  # again: someone may have written there meanwhile
     return {"folder": str(folder), **summary, "seconds": round(time.perf_counter() - start, 3)}
 
 
 # --- target folder ---------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _looks_like_workspace(folder: Path) -> bool:
@@ -171,23 +157,6 @@ def _check_target(folder: Path, overwrite: bool) -> None:
     if not _looks_like_workspace(folder):
         raise FileExistsError(f"{folder}: not a mondrian workspace (no {CONFIG_NAME} or "
                               "mondrian.db); refusing to overwrite it")
-
-
-def _move_into_place(tmp: Path, folder: Path, overwrite: bool) -> None:
-    _check_target(folder, overwrite)  # again: someone may have written there meanwhile
-    if folder.exists() and not any(folder.iterdir()):
-        folder.rmdir()
-    if not folder.exists():
-        tmp.rename(folder)
-        return
-    old = Path(f"{tmp}.old")
-    folder.rename(old)  # swap, then delete: the target is never half-written
-    try:
-        tmp.rename(folder)
-    except BaseException:
-        old.rename(folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- plan: how many jobs of each kind, in which order -------------------------------------------

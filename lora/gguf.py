@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+
+from mondrian.atomic import atomic_folder
 
 # mx.load maps GGUF Q4_0/Q4_1/Q8_0 blocks onto MLX affine quantization, 32 values a group.
 _GROUP_SIZE = 32
@@ -391,8 +390,8 @@ def _check_tokenizer(folder: Path, path: Path) -> None:
 def import_gguf(gguf: Path, dest: Path, opts: ImportOptions | None = None) -> Path:
     """Convert `gguf` into the model folder `dest`, atomically.
 
-    The folder is built beside `dest` under a temporary name and renamed into
-    place only when complete, so a failure leaves no half-written model.
+    The folder is built beside `dest` and swapped in only when complete
+    (`atomic_folder`), so a failure leaves no half-written model.
     """
     opts = opts or ImportOptions()
     gguf, dest = Path(gguf), Path(dest)
@@ -408,19 +407,15 @@ def import_gguf(gguf: Path, dest: Path, opts: ImportOptions | None = None) -> Pa
     if quant:
         config["quantization"] = quant
     config["torch_dtype"] = opts.dtype
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        try:
-            for value in tensors.values():
-                if mx.issubdtype(value.dtype, mx.floating):
-                    mx.eval(value)
-            bad = [k for k, v in tensors.items()
-                   if mx.issubdtype(v.dtype, mx.floating) and not mx.all(mx.isfinite(v)).item()]
-        except Exception as exc:
-            raise GGUFError(f"{gguf}: tensor data is unreadable ({exc})") from exc
-        if bad:
-            raise GGUFError(f"{gguf}: non-finite values in {bad[:3]}: the file is corrupt")
+        floats = {k: v for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)}
+        mx.eval(list(floats.values()))
+        bad = [k for k, v in floats.items() if not mx.all(mx.isfinite(v)).item()]
+    except Exception as exc:
+        raise GGUFError(f"{gguf}: tensor data is unreadable ({exc})") from exc
+    if bad:
+        raise GGUFError(f"{gguf}: non-finite values in {bad[:3]}: the file is corrupt")
+    with atomic_folder(dest) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, content in tok_files.items():
@@ -429,11 +424,4 @@ def import_gguf(gguf: Path, dest: Path, opts: ImportOptions | None = None) -> Pa
                       if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _check_tokenizer(tmp, gguf)
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -17,9 +17,7 @@ import io
 import json
 import math
 import os
-import shutil
 import sqlite3
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import mondrian
+from mondrian.atomic import atomic_folder
 from mondrian.contracts import Advisor, load_advisors
 from mondrian.db import count_jobs, open_db, read_jobs
 from mondrian.workspace import Workspace
@@ -351,11 +350,9 @@ def link_workspace(ws: Workspace, out_dir: str | Path | None = None, advisors: l
     linker = Linker(ws, contracts, cache)
     summary = LinkSummary(workspace=ws.root, data_root=str(ws.data_path), manifest=str(out.resolve()))
     jobs_hash, manifest_hash = hashlib.sha256(), hashlib.sha256()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         total = count_jobs(db, ws.jobs_table)
-        with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as mf:
+        with atomic_folder(out) as tmp, open(tmp / "manifest.jsonl", "w", encoding="utf-8") as mf:
             bar = tqdm(read_jobs(db, ws.jobs_table, ws.columns), total=total, desc="link", unit="job",
                        disable=not progress, mininterval=0.5)
             for job in bar:
@@ -377,26 +374,19 @@ def link_workspace(ws: Workspace, out_dir: str | Path | None = None, advisors: l
                 line = json.dumps(row, ensure_ascii=False) + "\n"
                 manifest_hash.update(line.encode())
                 mf.write(line)
-        cache.save()
-        summary.cache = {"hits": cache.hits, "misses": cache.misses}
-        summary.fingerprints = {
-            "manifest_sha256": manifest_hash.hexdigest(),
-            "jobs_sha256": jobs_hash.hexdigest(),
-            "contracts": {n: a.fingerprint for n, a in sorted(contracts.items())},
-        }
-        summary.by_reason = dict(sorted(summary.by_reason.items(), key=lambda kv: list(REASONS).index(kv[0])))
-        summary.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        summary.seconds = round(time.perf_counter() - t0, 3)
-        if not summary.conserved:  # cannot happen by construction; refuse to publish if it does
-            raise RuntimeError(f"link counts are not conserved: {summary.line()}")
-        (tmp / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            cache.save()
+            summary.cache = {"hits": cache.hits, "misses": cache.misses}
+            summary.fingerprints = {
+                "manifest_sha256": manifest_hash.hexdigest(),
+                "jobs_sha256": jobs_hash.hexdigest(),
+                "contracts": {n: a.fingerprint for n, a in sorted(contracts.items())},
+            }
+            summary.by_reason = dict(sorted(summary.by_reason.items(), key=lambda kv: list(REASONS).index(kv[0])))
+            summary.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            summary.seconds = round(time.perf_counter() - t0, 3)
+            if not summary.conserved:  # cannot happen by construction; refuse to publish if it does
+                raise RuntimeError(f"link counts are not conserved: {summary.line()}")
+            (tmp / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     finally:
         db.conn.close()
     return summary

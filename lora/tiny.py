@@ -13,13 +13,13 @@ import importlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mondrian.atomic import atomic_folder
 
 # mlx, mlx-lm, mlx-vlm and tokenizers are imported inside the builders: importing this module
 # stays cheap, and by then the `lora` package has imported mondrian (OpenBLAS preload).
@@ -375,30 +375,17 @@ def _atomic_build(
         return target
     if target.exists() and not _is_ours(target) and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not a tiny model built by lora.tiny")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        fill(tmp)
-        _write_json(tmp / _MARKER, spec)  # last: its presence means every other file is there
-        # mkdtemp makes a 0700 folder and safetensors writes 0600 files: open them up to read.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if target.exists() and _is_ours(target) and not _is_built(target, spec):
-            # Stale tiny model (other seed/dims): move it aside, then swap the new one in.
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / "model")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, target)  # atomic; also works onto an empty folder
-        except OSError:
-            # Lost a race with a concurrent builder: fine if it built the same thing.
-            if _is_built(target, spec):
-                return target
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target) as tmp:
+            fill(tmp)
+            _write_json(tmp / _MARKER, spec)  # last: its presence means every other file is there
+            for f in tmp.iterdir():  # safetensors writes 0600 files: open them up to read
+                f.chmod(0o644)
+    except OSError:
+        # Lost a race with a concurrent builder: fine if it built the same thing.
+        if _is_built(target, spec):
+            return target
+        raise
     return target
 
 

@@ -1,0 +1,57 @@
+"""Atomic folder output: build beside the target, then swap it in with one rename.
+
+Everything mondrian writes as a folder (imported models, manifests, datasets,
+workspaces, adapters) goes through `atomic_folder`, so a crash or kill at any
+moment leaves either the old folder or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Replace `target` with `tmp`. An existing target is renamed aside first and removed
+    after; if the second rename fails the old target is put back."""
+    if target.exists() and target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # an empty folder is not worth keeping, and rename onto it is racy
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, trash / "old")
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(trash / "old", target)
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `target` to fill. When the block succeeds the
+    folder replaces `target`; when it raises (or the process dies) `target` is untouched
+    and the temporary folder is removed (or left hidden, dot-prefixed, after a kill)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary output
+        swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
