@@ -29,6 +29,7 @@ lint: setup
 
 bench: setup
 	$(PY) scripts/bench_blas.py
+	$(PY) scripts/bench_link.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

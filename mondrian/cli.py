@@ -299,18 +299,42 @@ def dataset(workspace: str, advisor: str, manifest: str | None, out: str | None,
 
 @cli.command()
 @click.option("--model", "model_spec", default="smollm2-135m", show_default=True, help="Model spec.")
+@click.option("--workspace", "folder", default="workspace", show_default=True,
+              type=click.Path(file_okay=False), help="Where the demo workspace is (re)built.")
 @click.option("--prompt", default=DEMO_PROMPT, show_default=True)
-def demo(model_spec: str, prompt: str) -> None:
-    """The end-to-end demo on the embedded default model."""
+def demo(model_spec: str, folder: str, prompt: str) -> None:
+    """The end-to-end demo on the embedded default model (grows with the pipeline)."""
+    from lora.dataset import build_dataset
+    from lora.demo_workspace import write_demo_workspace
+    from lora.link import link_workspace
     from lora.models import ModelError, resolve
+    from mondrian.contracts import get_advisor
+    from mondrian.workspace import load_workspace
 
-    click.echo(f"[1/2] base model: {model_spec}", err=True)
+    def step(n: int, text: str) -> None:
+        click.echo(f"[{n}/5] {text}", err=True)
+
+    step(1, f"base model: {model_spec}")
     try:
         card = resolve(model_spec)
     except ModelError as exc:
         _fail(exc)
     click.echo(f"      {card.path} (fingerprint {card.fingerprint[:12]})", err=True)
-    click.echo(f"[2/2] asking: {prompt}", err=True)
+    step(2, f"demo workspace: {folder}")
+    info = write_demo_workspace(folder, overwrite=True)
+    click.echo(f"      {info['jobs']} jobs with realistic defects", err=True)
+    step(3, "link jobs -> manifest")
+    ws = load_workspace(folder)
+    summary = link_workspace(ws, progress=False)
+    click.echo(f"      {summary.line()}", err=True)
+    step(4, "dataset fit-query -> train/valid/test")
+    report = build_dataset(Path(ws.root) / "manifest", get_advisor("fit-query"),
+                           Path(ws.root) / "datasets" / "fit-query", data_root=ws.data_path,
+                           tokenizer_path=card.path, max_seq_length=256)
+    counts = report.counts
+    click.echo(f"      train {counts['train']}, valid {counts['valid']}, test {counts['test']}; "
+               f"leakage check {'ok' if report.leakage.ok else 'FAILED'}", err=True)
+    step(5, f"asking the base model: {prompt}")
     result = _generate(card.path, prompt, None, None, 60)
     click.echo(result["answer"])
 
