@@ -211,3 +211,27 @@ def test_column_mapping_reads_a_foreign_schema(tmp_path):
     (tmp_path / "mondrian.yaml").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="unknown key\\(s\\) qestion"):
         load_workspace(tmp_path)
+
+
+def test_a_user_advisor_needs_no_code(tmp_path):
+    (tmp_path / "advisors").mkdir()
+    (tmp_path / "advisors" / "sentiment.yaml").write_text(
+        "name: sentiment\ninput_kind: text\nsystem_prompt: Classify the review.\n"
+        "schema:\n  type: object\n  additionalProperties: false\n  required: [label]\n"
+        "  properties:\n    label: {type: string, enum: [positive, negative]}\n")
+    db = open_db(tmp_path / "mondrian.db", create=True)
+    create_jobs_table(db)
+    db["jobs"].insert_all([
+        {"job_id": "1", "advisor": "sentiment", "status": "completed", "input_text": "great",
+         "analysis_json": '{"label": "positive"}'},
+        {"job_id": "2", "advisor": "sentiment", "status": "completed", "input_text": "meh",
+         "analysis_json": '{"label": "neutral"}'},
+    ])
+    db.conn.close()
+    summary = link_workspace(load_workspace(tmp_path), progress=False)
+    assert (summary.linked, summary.by_reason) == (1, {"contract_violation": 1})
+
+    (tmp_path / "advisors" / "broken.yaml").write_text("name: broken\ninput_kind: audio\n"
+                                                       "system_prompt: x\nschema: {type: object}\n")
+    with pytest.raises(ConfigError, match="broken.yaml: input_kind 'audio'"):
+        link_workspace(load_workspace(tmp_path), progress=False)
