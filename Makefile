@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo data train test lint bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/mondrian demo
 
+# The demo workspace and its datasets (make demo builds them too).
+data: setup
+	test -f workspace/datasets/fit-query/train.jsonl || $(VENV)/bin/mondrian demo
+
+# fit-query on SmolLM2-135M; each run gets its own folder (runs are resumable with --resume).
+train: data
+	$(VENV)/bin/mondrian train --config lora/configs/fit-query.yaml \
+	    --adapter-path workspace/runs/fit-query-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -30,6 +40,7 @@ lint: setup
 bench: setup
 	$(PY) scripts/bench_blas.py
 	$(PY) scripts/bench_link.py
+	$(PY) scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

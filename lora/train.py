@@ -317,7 +317,7 @@ class TrainResult:
         return asdict(self)
 
 
-def _runs_db(cfg: TrainConfig, data: Path) -> Path:
+def runs_db(cfg: TrainConfig, data: Path) -> Path:
     if cfg.db:
         return Path(cfg.db)
     for parent in [data, *data.parents]:
@@ -326,7 +326,7 @@ def _runs_db(cfg: TrainConfig, data: Path) -> Path:
     return Path("mondrian.db")
 
 
-def _dataset_fingerprint(data: Path) -> str:
+def dataset_fingerprint(data: Path) -> str:
     stats = data / "dataset_stats.json"
     if stats.is_file():
         fp = json.loads(stats.read_text()).get("fingerprint")
@@ -367,7 +367,7 @@ def preflight(cfg: TrainConfig, model, tokenizer, train: Split, valid: Split) ->
                              "(the prompt mask covers the whole row)")
 
 
-def _make_optimizer(cfg: TrainConfig):
+def make_optimizer(cfg: TrainConfig):
     lr = cfg.learning_rate
     if cfg.lr_schedule:
         from mlx_lm.tuner.utils import build_schedule
@@ -397,7 +397,7 @@ def evaluate(model, loss_fn, split: Split, cfg: TrainConfig) -> float:
     return (total / count).item()
 
 
-class _Interrupt:
+class Interrupt:
     """SIGTERM/SIGINT -> finish the current step, then stop as 'interrupted'."""
 
     def __init__(self):
@@ -419,9 +419,22 @@ class _Interrupt:
             signal.signal(sig, handler)
 
 
+def _is_vision_data(data: Path) -> bool:
+    """Rows with "images" are mlx-vlm rows: the vision trainer takes them."""
+    path = data / "train.jsonl"
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return "images" in json.loads(first)
+    except json.JSONDecodeError:
+        return False
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> TrainResult:
-    """Train a LoRA adapter as configured. `stop_after` ends the process's work after that
+    """Train a LoRA adapter as configured (vision data goes to `lora.train_vlm`). `stop_after` ends the process's work after that
     many steps, as a kill would (used to test resume); the run stays resumable."""
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -432,6 +445,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     data = Path(cfg.data)
     if not data.is_dir():
         raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
+    if _is_vision_data(data):
+        from lora.train_vlm import train_vision
+
+        return train_vision(cfg, resume=resume, progress=progress, stop_after=stop_after)
     out = Path(cfg.adapter_path)
     ckpt_root = out / "checkpoints"
     last = latest_checkpoint(ckpt_root) if resume else None
@@ -460,14 +477,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(layers[0])
-    optimizer = _make_optimizer(cfg)
+    optimizer = make_optimizer(cfg)
     loss_fn, _ = make_loss(model, cfg.answer_only_logits)
 
     state = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
              "first_val_loss": None, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
     start = 0
-    store = RunStore(_runs_db(cfg, data))
-    dataset_fp = _dataset_fingerprint(data)
+    store = RunStore(runs_db(cfg, data))
+    dataset_fp = dataset_fingerprint(data)
     if last is not None:
         saved = json.loads((last / "trainer_state.json").read_text())
         if saved.get("dataset_fingerprint") != dataset_fp:
@@ -479,6 +496,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         start = saved["step"]
         state = {k: saved.get(k, v) for k, v in state.items()}
         run_id = saved["run_id"]
+        if start >= cfg.iters:
+            raise TrainError(f"run {run_id} already reached iters {cfg.iters}; raise iters to train further")
         store.resume(run_id)
         store.truncate_metrics(run_id, start)
     else:
@@ -486,8 +505,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                              str(out.resolve()))
     meta = {"run_id": run_id, "dataset_fingerprint": dataset_fp, "base_model_fingerprint": card.fingerprint}
 
-    if start >= cfg.iters:
-        raise TrainError(f"run {run_id} already reached iters {cfg.iters}; raise iters to train further")
     mx.eval(model.parameters())
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation_steps
@@ -534,7 +551,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
 
     try:
-        with _Interrupt() as interrupt:
+        with Interrupt() as interrupt:
             if start == 0:
                 run_eval(0)
             for step in range(start + 1, cfg.iters + 1):

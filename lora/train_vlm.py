@@ -1,0 +1,497 @@
+"""LoRA training for image advisors, on mlx-vlm 0.7.10's trainer machinery.
+
+`train_vision(cfg)` takes the text trainer's `TrainConfig` (the mlx-lm-compatible YAML keys)
+and trains with mlx-vlm's own parts: `prepare_model_for_training` (LoRA layers and the
+adapter metadata), `VisionDataset` (chat template, image processor, completion mask),
+`iterate_batch_indices` + `collate_vlm_batch` (length-grouped batches), `vlm_sft_loss`,
+`apply_gradient_step` and `evaluate_vlm`. The loop around them is ours, as in lora/train.py:
+errors before step one, runs in SQLite, best-by-validation adapter, exact resume.
+
+What mlx-vlm needs, and how the config keys map onto it:
+- `lora_parameters.scale` is mlx-lm's update scale; mlx-vlm takes `alpha` and uses
+  scale = alpha / rank, so alpha = scale * rank is passed.
+- `num_layers` / `lora_parameters.keys` keep mlx-lm's meaning (every Linear, or the keys, in
+  the last `num_layers` blocks of the language model) and are turned into qualified module
+  names (`language_model.model.layers.1.mlp.up_proj`): mlx-vlm records them in
+  `adapter_config.json` and re-creates exactly those layers when it loads the adapter.
+- An adapter folder is `adapters.safetensors` (the trainable tensors under their qualified
+  names) + `adapter_config.json` ({fine_tune_type, num_layers, lora_parameters {rank,
+  scale, dropout, keys}} as recorded by mlx-vlm). `mlx_vlm.load(path, adapter_path=)` loads
+  the weights with strict=False and checks nothing, so the names must be exactly these.
+- `mask_prompt` is mlx-vlm's `train_on_completions` (the dataset's completion mask).
+- `answer_only_logits` and `bucket_batches` are text-trainer options; mlx-vlm's loss takes
+  full logits and its batches are length-grouped its own way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from lora.train import (
+    Interrupt,
+    TrainConfig,
+    TrainError,
+    TrainResult,
+    dataset_fingerprint,
+    latest_checkpoint,
+    make_optimizer,
+    runs_db,
+)
+from mondrian.atomic import atomic_folder
+from mondrian.config import ConfigError
+from mondrian.plot import loss_curve_svg
+from mondrian.runs import RunStore
+
+ADAPTER_WEIGHTS = "adapters.safetensors"  # the names mlx-vlm's _read_checkpoint looks for
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_INFO = "mondrian_adapter.json"  # our provenance, beside (mlx-vlm ignores it)
+# Splits this large are not held preprocessed in memory (pixel values add up).
+FULL_CACHE_ROWS = 2000
+LRU_CACHE_ROWS = 64
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def load_vision_split(folder: Path, name: str):
+    """One split's rows as mlx-vlm's RawSplit (base_path = the folder, where image paths are
+    relative), refused with the line number if a row is not JSON or has no image."""
+    from mlx_vlm.trainer.datasets.loading import RawSplit
+
+    path = folder / f"{name}.jsonl"
+    if not path.is_file():
+        raise TrainError(f"{path}: missing (build it with `mondrian dataset`)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainError(f"{path}:{i}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise TrainError(f"{path}:{i}: rows need 'messages' (mlx-vlm chat rows)")
+            images = row.get("images", row.get("image"))
+            images = [images] if isinstance(images, str) else images
+            if not images:
+                # Why refuse: a text-only row is not what a vision advisor learns from, and
+                # Qwen2-VL reuses the previous batch's cached M-RoPE positions when a batch
+                # has no pixel values.
+                raise TrainError(f"{path}:{i}: the row has no image; train_vision trains image "
+                                 "advisors (text advisors train with lora.train.train)")
+            for img in images:
+                if not isinstance(img, str):
+                    raise TrainError(f"{path}:{i}: image entries must be paths, got {img!r}")
+                if not (folder / img).is_file():
+                    raise TrainError(f"{path}:{i}: image {img} does not exist under {folder}")
+            rows.append(row)
+    return RawSplit(rows, folder)
+
+
+def make_dataset(rows: Any, model: nn.Module, processor: Any, cfg: TrainConfig):
+    """mlx-vlm's VisionDataset behind its CacheDataset (which also gives lengths for batching)."""
+    from mlx_vlm.trainer.datasets.loading import CacheDataset
+    from mlx_vlm.trainer.vlm.sft.dataset import VisionDataset
+
+    ds = VisionDataset(rows, model.config, processor,
+                       config={"train_on_completions": cfg.mask_prompt})
+    size = None if len(rows) <= FULL_CACHE_ROWS else LRU_CACHE_ROWS
+    return CacheDataset(ds, max_size=size, process=False)
+
+
+def check_split(name: str, ds: Any, cfg: TrainConfig) -> list[int]:
+    """Process every row once (mlx-vlm's batcher needs every length anyway) and refuse what
+    would fail or be truncated later; returns the lengths."""
+    if len(ds) < cfg.batch_size:
+        raise TrainError(f"the {name} split has {len(ds)} rows, fewer than batch_size "
+                         f"{cfg.batch_size}: lower batch_size or add data")
+    lengths = []
+    for i in range(len(ds)):
+        try:
+            lengths.append(ds.itemlen(i))
+        except Exception as exc:  # mlx-vlm's processor / template errors, made specific
+            raise TrainError(f"{name}.jsonl row {i + 1}: mlx-vlm cannot prepare it: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    long = [i + 1 for i, n in enumerate(lengths) if n > cfg.max_seq_length]
+    if long:
+        raise TrainError(f"{len(long)} {name} rows are longer than max_seq_length {cfg.max_seq_length} "
+                         f"(image tokens included) and would be truncated (rows {long[:10]}, longest "
+                         f"{max(lengths)}); raise max_seq_length or use smaller images")
+    return lengths
+
+
+def batch_indices(ds: Any, cfg: TrainConfig, skip: int = 0) -> Iterator[list[int]]:
+    """mlx-vlm's training batch order (length groups, shuffled per epoch from `seed`): a pure
+    function of (data, batch_size, seed), so resume replays `skip` batches without data work."""
+    from mlx_vlm.trainer.common.utils import iterate_batch_indices
+
+    it = iterate_batch_indices(len(ds), cfg.batch_size, length_key=ds.itemlen,
+                               group_key=ds.media_signature, train=True, rank=0, world_size=1,
+                               seed=cfg.seed)
+    for _ in range(skip):
+        next(it)
+    return it
+
+
+def collate(ds: Any, idx: list[int], cfg: TrainConfig, pad_id: int) -> dict[str, Any]:
+    from mlx_vlm.trainer.vlm.sft.runtime import _image_token_id, collate_vlm_batch
+
+    return collate_vlm_batch([ds[i] for i in idx], cfg.max_seq_length, pad_token_id=pad_id,
+                             image_token_id=_image_token_id(ds))
+
+
+# --------------------------------------------------------------------------------------------
+# model and adapters
+
+
+def _language_blocks(model: nn.Module) -> tuple[str, list]:
+    """The qualified name and the list of the language model's transformer blocks."""
+    lm = getattr(model, "language_model", model)
+    blocks = getattr(lm, "layers", None)
+    if blocks is None and hasattr(lm, "model"):
+        blocks = getattr(lm.model, "layers", None)
+    if not blocks:
+        raise TrainError(f"{type(model).__name__}: cannot find the language model's layers")
+    first = blocks[0]
+    for name, module in model.named_modules():
+        if module is first:
+            return name.rsplit(".", 1)[0], blocks
+    raise TrainError(f"{type(model).__name__}: the language model's layers are not modules of the model")
+
+
+def lora_targets(model: nn.Module, num_layers: int, keys: list[str] | None) -> list[str]:
+    """Qualified Linear names in the last `num_layers` blocks (mlx-lm's num_layers / keys)."""
+    prefix, blocks = _language_blocks(model)
+    if num_layers > len(blocks):
+        raise TrainError(f"num_layers {num_layers} > the model's {len(blocks)} language layers")
+    linear = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    out = []
+    for b in range(len(blocks) - num_layers, len(blocks)):
+        block = f"{prefix}.{b}."
+        if keys is None:
+            out += sorted(n for n in linear if n.startswith(block))
+            continue
+        for key in keys:
+            if block + key not in linear:
+                raise TrainError(f"lora_parameters.keys: no Linear '{key}' in block {block[:-1]} "
+                                 f"(there: {sorted(n[len(block):] for n in linear if n.startswith(block))})")
+            out.append(block + key)
+    if not out:
+        raise TrainError("no Linear layers to put LoRA on in the chosen language layers")
+    return out
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> dict:
+    """Freeze the base and attach LoRA through mlx-vlm; returns the adapter config it recorded."""
+    from mlx_vlm.trainer.common.model import prepare_model_for_training
+
+    lp = cfg.lora_parameters
+    rank, scale = int(lp.get("rank", 8)), float(lp.get("scale", 20.0))
+    targets = lora_targets(model, cfg.num_layers, lp.get("keys"))
+    try:
+        prepare_model_for_training(model, train_type="lora", lora_rank=rank,
+                                   lora_alpha=scale * rank,  # mlx-vlm: scale = alpha / rank
+                                   lora_dropout=float(lp.get("dropout", 0.0)),
+                                   target_modules=targets, verbose=False)
+    except ValueError as exc:
+        raise TrainError(f"mlx-vlm refused the LoRA settings: {exc}") from exc
+    return adapter_config(model)
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """The adapter_config.json mlx-vlm wrote itself (save_trainable_weights' source)."""
+    conf = getattr(model, "_vlm_adapter_config", None)
+    if conf is None:
+        conf = getattr(getattr(model, "config", None), "lora", None)
+    if not isinstance(conf, dict):
+        raise TrainError("mlx-vlm recorded no adapter config on the model")
+    return copy.deepcopy(conf)
+
+
+def save_vision_adapter(folder: Path, model: nn.Module, info: dict) -> None:
+    """An adapter folder `mlx_vlm.load(base, adapter_path=folder)` restores exactly."""
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), weights)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model), indent=2, sort_keys=True) + "\n")
+    (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def _load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Load trainable tensors after checking names and shapes (load_weights(strict=False),
+    which the LoRA layers need, checks neither)."""
+    saved = mx.load(str(path))
+    want = dict(tree_flatten(model.trainable_parameters()))
+    if set(saved) != set(want):
+        raise TrainError(f"{path}: tensors do not match the LoRA layers (missing "
+                         f"{sorted(set(want) - set(saved))[:5]}, extra {sorted(set(saved) - set(want))[:5]})")
+    bad = [k for k in want if saved[k].shape != want[k].shape]
+    if bad:
+        raise TrainError(f"{path}: shapes differ for {bad[:5]}")
+    model.load_weights(list(saved.items()), strict=False)
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Any, state: dict,
+                    info: dict, keep: int) -> Path:
+    """checkpoints/step-NNNNNNN: adapter (loadable by mlx-vlm as is) + optimizer state +
+    trainer state, written atomically; older ones beyond `keep` are removed."""
+    target = root / f"step-{step:07d}"
+    with atomic_folder(target) as tmp:
+        save_vision_adapter(tmp, model, info | {"step": step})
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "trainer_state.json").write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+    for old in sorted(root.glob("step-*"))[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def evaluate(model: nn.Module, ds: Any, cfg: TrainConfig, pad_id: int) -> float:
+    """Token-weighted validation loss over the first val_batches length-sorted batches."""
+    from mlx_vlm.trainer.vlm.sft.runtime import evaluate_vlm, vlm_sft_loss
+
+    try:
+        return evaluate_vlm(model, ds, cfg.batch_size, cfg.val_batches if cfg.val_batches > 0 else -1,
+                            cfg.max_seq_length, loss_fn=vlm_sft_loss,
+                            train_on_completions=cfg.mask_prompt, pad_token_id=pad_id)
+    finally:
+        model.train()  # evaluate_vlm leaves the model in eval mode
+
+
+def train_vision(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+                 stop_after: int | None = None) -> TrainResult:
+    """Train a LoRA adapter for an image advisor as configured. `stop_after` ends the work
+    after that many steps, as a kill would (to test resume); the run stays resumable."""
+    return _run(cfg, resume, progress, stop_after)[0]
+
+
+def _run(cfg: TrainConfig, resume: bool, progress: bool,
+         stop_after: int | None) -> tuple[TrainResult, nn.Module, Any]:
+    """train_vision, also returning the trained model and processor (tests compare them
+    with what mlx-vlm loads from the written adapter)."""
+    import mlx_vlm
+    from mlx_vlm.trainer.common.utils import (
+        apply_final_accumulated_gradients,
+        apply_gradient_step,
+        resolve_pad_token_id,
+    )
+    from mlx_vlm.trainer.vlm.sft.runtime import vlm_sft_loss
+
+    from lora.models import ModelError, resolve
+
+    t_start = time.perf_counter()
+    try:
+        cfg.check()
+    except ConfigError as exc:
+        raise TrainError(str(exc)) from exc
+    data = Path(cfg.data)
+    if not data.is_dir():  # mlx-vlm's loader would take a missing folder for a hub dataset id
+        raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
+    out = Path(cfg.adapter_path)
+    ckpt_root = out / "checkpoints"
+    last = latest_checkpoint(ckpt_root) if resume else None
+    if resume and last is None:
+        raise TrainError(f"--resume: no checkpoint under {ckpt_root}")
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise TrainError(f"{out} already holds a run's checkpoints: use --resume to continue it, "
+                         "or pick another adapter_path")
+    train_rows = load_vision_split(data, "train")
+    valid_rows = load_vision_split(data, "valid")
+    for name, rows in (("train", train_rows), ("valid", valid_rows)):
+        if len(rows) < cfg.batch_size:  # before the model loads: the cheapest refusal first
+            raise TrainError(f"the {name} split has {len(rows)} rows, fewer than batch_size "
+                             f"{cfg.batch_size}: lower batch_size or add data")
+    try:
+        card = resolve(cfg.model)
+    except ModelError as exc:
+        raise TrainError(str(exc)) from exc
+
+    mx.random.seed(cfg.seed)  # the LoRA A matrices' initialization
+    model, processor = mlx_vlm.load(card.path)
+    if not hasattr(model, "vision_tower") and not hasattr(model, "vision_model"):
+        raise TrainError(f"{cfg.model} is not a vision-language model mlx-vlm can train")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = resolve_pad_token_id(tokenizer)
+    train_ds = make_dataset(train_rows, model, processor, cfg)
+    valid_ds = make_dataset(valid_rows, model, processor, cfg)
+    check_split("train", train_ds, cfg)
+    check_split("valid", valid_ds, cfg)
+
+    lora_config = prepare_model(model, cfg)
+    if cfg.grad_checkpoint:
+        from mlx_vlm.trainer.common.utils import enable_model_gradient_checkpointing
+
+        enable_model_gradient_checkpointing(model)
+    optimizer = make_optimizer(cfg)
+
+    state: dict[str, Any] = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
+                             "first_val_loss": None, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
+    start = 0
+    store = RunStore(runs_db(cfg, data))
+    dataset_fp = dataset_fingerprint(data)
+    if last is not None:
+        saved = json.loads((last / "trainer_state.json").read_text())
+        if saved.get("dataset_fingerprint") != dataset_fp:
+            store.close()
+            raise TrainError(f"--resume: the data in {data} changed since the checkpoint was written")
+        if saved.get("base_model_fingerprint") != card.fingerprint:
+            store.close()
+            raise TrainError(f"--resume: the base model {cfg.model} is not the one the run started with")
+        if json.loads((last / ADAPTER_CONFIG).read_text()) != json.loads(json.dumps(lora_config)):
+            store.close()
+            raise TrainError("--resume: lora_parameters / num_layers differ from the checkpoint's")
+        _load_adapter_weights(model, last / ADAPTER_WEIGHTS)
+        optimizer.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
+        start = saved["step"]
+        state = {k: saved.get(k, v) for k, v in state.items()}
+        run_id = saved["run_id"]
+        if start >= cfg.iters:  # before store.resume, which would mark the finished run running
+            store.close()
+            raise TrainError(f"run {run_id} already reached iters {cfg.iters}; raise iters to train further")
+        store.resume(run_id)
+        store.truncate_metrics(run_id, start)
+    else:
+        run_id = store.start("train", cfg.advisor, asdict(cfg) | {"trainer": "mlx-vlm"}, dataset_fp,
+                             cfg.model, card.fingerprint, str(out.resolve()))
+    meta = {"run_id": run_id, "dataset_fingerprint": dataset_fp, "base_model_fingerprint": card.fingerprint}
+    info = meta | {"base_model": cfg.model, "base_model_path": card.path, "advisor": cfg.advisor,
+                   "trainer": "mlx-vlm"}
+
+    mx.eval(model.parameters())
+    loss_fn = partial(vlm_sft_loss, train_on_completions=cfg.mask_prompt)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    accum = cfg.grad_accumulation_steps
+    batches = batch_indices(train_ds, cfg, skip=start)
+    model.train()
+    status, error, stopped_early = "completed", None, False
+    window_loss, window_weight, window_toks, window_steps = 0.0, 0, 0, 0
+    window_t = time.perf_counter()
+    last_train_loss = None
+    grads = None
+    step = start
+    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
+               disable=not progress, dynamic_ncols=True)
+
+    def run_eval(step: int) -> None:
+        val = evaluate(model, valid_ds, cfg, pad_id)
+        if state["first_val_loss"] is None:
+            state["first_val_loss"] = val
+        store.log(run_id, step, {"val_loss": val})
+        if state["best_val_loss"] is None or val < state["best_val_loss"]:
+            state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
+            with atomic_folder(out / "best") as tmp:
+                save_vision_adapter(tmp, model, info | {"step": step, "val_loss": val})
+                (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val, "run_id": run_id}) + "\n")
+        elif step > 0:
+            state["evals_without_improvement"] += 1
+        bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
+
+    try:
+        with Interrupt() as interrupt:
+            if start == 0:
+                run_eval(0)
+            for step in range(start + 1, cfg.iters + 1):
+                batch = collate(train_ds, next(batches), cfg, pad_id)
+                mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
+                lvalue, metrics, grads = apply_gradient_step(model, optimizer, value_and_grad, batch, grads,
+                                                             update=step % accum == 0, accumulation_steps=accum)
+                if step == cfg.iters:  # a last, incomplete accumulation still counts
+                    apply_final_accumulated_gradients(model, optimizer, grads, step, accum)
+                    grads = None
+                mx.eval(lvalue, metrics, model.trainable_parameters(), optimizer.state, grads)
+                weight, n_tokens = int(metrics["weight"].item()), int(metrics["num_processed_tokens"].item())
+                state["tokens"] += n_tokens
+                state["loss_tokens"] += weight
+                window_loss += lvalue.item() * weight  # token-weighted, as mlx-vlm reports it
+                window_weight += weight
+                window_toks += n_tokens
+                window_steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{lvalue.item():.3f}")
+                if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                    dt = time.perf_counter() - window_t
+                    state["train_seconds"] += dt
+                    last_train_loss = window_loss / max(window_weight, 1)
+                    lr = optimizer.learning_rate
+                    report = {"train_loss": last_train_loss, "tokens_per_s": window_toks / dt,
+                              "loss_tokens_per_s": window_weight / dt, "steps_per_s": window_steps / dt,
+                              "learning_rate": float(lr.item() if isinstance(lr, mx.array) else lr),
+                              "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                    store.log(run_id, step, report)
+                    bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{window_toks / dt:.0f}",
+                                    mem=f"{report['peak_memory_gb']:.2f}GB")
+                    window_loss, window_weight, window_toks, window_steps = 0.0, 0, 0, 0
+                    window_t = time.perf_counter()
+                if step % cfg.steps_per_eval == 0 or step == cfg.iters:
+                    run_eval(step)
+                    window_t = time.perf_counter()  # evaluation time is not training throughput
+                    if (cfg.early_stopping_patience
+                            and state["evals_without_improvement"] >= cfg.early_stopping_patience):
+                        stopped_early = True
+                if step % cfg.save_every == 0 or step == cfg.iters or stopped_early or interrupt.hit:
+                    save_checkpoint(ckpt_root, step, model, optimizer, state | meta, info, cfg.keep_checkpoints)
+                if stopped_early:
+                    break
+                if interrupt.hit:
+                    status = "interrupted"
+                    break
+                if stop_after is not None and step - start >= stop_after:
+                    bar.close()
+                    store.close()
+                    return _result(run_id, "interrupted", out, step, state, last_train_loss, t_start), \
+                        model, processor
+        # The published adapter is the best by validation loss; the last step is kept beside it.
+        with atomic_folder(out / "last") as tmp:
+            save_vision_adapter(tmp, model, info | {"step": step})
+        best = out / "best"
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_INFO):
+            src = best / name if (best / name).exists() else out / "last" / name
+            tmp_file = out / f".{name}.tmp"
+            tmp_file.write_bytes(src.read_bytes())
+            os.replace(tmp_file, out / name)
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+    except Exception as exc:
+        store.finish(run_id, "failed", {"steps": step}, f"{type(exc).__name__}: {exc}")
+        store.close()
+        raise
+    finally:
+        bar.close()
+    result = _result(run_id, status, out, step, state, last_train_loss, t_start, stopped_early)
+    store.finish(run_id, status, result.to_dict(), error)
+    series = {name: [(s, v) for s, n, v in store.metrics(run_id) if n == name]
+              for name in ("train_loss", "val_loss")}
+    (out / "loss_curve.svg").write_text(loss_curve_svg(series, f"{cfg.advisor or 'train'} {run_id}"))
+    store.close()
+    return result, model, processor
+
+
+def _result(run_id: str, status: str, out: Path, steps: int, state: dict, last_train_loss: float | None,
+            t_start: float, stopped_early: bool = False) -> TrainResult:
+    secs = state["train_seconds"]
+    return TrainResult(run_id=run_id, status=status, adapter_path=str(out), steps=steps,
+                       best_val_loss=state["best_val_loss"], best_step=state["best_step"],
+                       final_train_loss=last_train_loss, first_val_loss=state["first_val_loss"],
+                       tokens=state["tokens"], loss_tokens=state["loss_tokens"],
+                       seconds=round(time.perf_counter() - t_start, 2),
+                       tokens_per_s=round(state["tokens"] / secs, 1) if secs else 0.0,
+                       stopped_early=stopped_early)
+

@@ -1,0 +1,177 @@
+"""Text LoRA training on the tiny llama: exact resume after kill -9, best adapter, runs in SQLite."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+import yaml
+
+from lora.train import TrainError, load_config, train
+from mondrian.config import ConfigError
+from mondrian.runs import RunStore
+from tests.helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def fit_data(tmp_path_factory):
+    from lora.dataset import build_dataset
+    from lora.demo_workspace import write_demo_workspace
+    from lora.link import link_workspace
+    from mondrian.contracts import get_advisor
+    from mondrian.workspace import load_workspace
+
+    root = tmp_path_factory.mktemp("train") / "ws"
+    write_demo_workspace(root, n_fit=300, n_photo=0, seed=1)
+    ws = load_workspace(root)
+    link_workspace(ws, progress=False)
+    out = root / "datasets" / "fit-query"
+    build_dataset(root / "manifest", get_advisor("fit-query"), out, data_root=ws.data_path)
+    return root, out
+
+
+def _config(tmp_path: Path, data: Path, **kw) -> Path:
+    cfg = {"model": "tiny:llama", "data": str(data), "adapter_path": str(tmp_path / "run"),
+           "advisor": "fit-query", "num_layers": 4, "batch_size": 4, "iters": 24,
+           "learning_rate": 2e-3, "mask_prompt": True, "max_seq_length": 512,
+           "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1}, "steps_per_report": 4,
+           "steps_per_eval": 8, "val_batches": 2, "save_every": 4, "seed": 3} | kw
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _weights(folder: Path) -> dict:
+    return mx.load(str(folder / "adapters.safetensors"))
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(fit_data, tmp_path):
+    """The acceptance test: SIGKILL mid-run, `--resume`, same final adapter (dropout on)."""
+    _, data = fit_data
+    straight = load_config(_config(tmp_path / "a", data))
+    train(straight, progress=False)
+
+    cfg_path = _config(tmp_path / "b", data)
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "mondrian.cli", "train", "--config", str(cfg_path),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (ckpts / "step-0000008" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / "run" / "last").exists()  # it really died mid-run
+
+    store = RunStore(data.parent.parent / "mondrian.db")
+    killed = [r for r in store.list() if r["adapter_path"] == str((tmp_path / "b" / "run").resolve())]
+    assert [r["status"] for r in killed] == ["interrupted"]  # pid gone: read as interrupted
+    store.close()
+
+    res = subprocess.run([sys.executable, "-m", "mondrian.cli", "train", "--config", str(cfg_path),
+                          "--resume", "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    resumed = json.loads(res.stdout)
+    assert resumed["status"] == "completed" and resumed["steps"] == 24
+    a, b = _weights(tmp_path / "a" / "run" / "last"), _weights(tmp_path / "b" / "run" / "last")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=1e-6).item(), k
+    assert not mx.allclose(a[next(iter(a))], mx.zeros_like(a[next(iter(a))])).item()
+
+
+def test_best_adapter_and_run_record(fit_data, tmp_path):
+    root, data = fit_data
+    result = train(load_config(_config(tmp_path, data, iters=16, steps_per_eval=4)), progress=False)
+    out = Path(result.adapter_path)
+    assert result.status == "completed" and result.first_val_loss > result.best_val_loss
+    store = RunStore(root / "mondrian.db")
+    run = store.get(result.run_id)
+    vals = [(s, v) for s, n, v in store.metrics(result.run_id) if n == "val_loss"]
+    trains = [v for s, n, v in store.metrics(result.run_id) if n == "train_loss"]
+    store.close()
+    assert run["status"] == "completed" and run["advisor"] == "fit-query"
+    assert run["dataset_fingerprint"] and len(run["base_model_fingerprint"]) == 64
+    assert [s for s, _ in vals] == [0, 4, 8, 12, 16] and len(trains) == 4
+    best_step, best_val = min(vals, key=lambda sv: sv[1])
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == best_step
+    assert result.best_val_loss == pytest.approx(best_val)
+    assert (out / "adapters.safetensors").read_bytes() == (out / "best" / "adapters.safetensors").read_bytes()
+    assert (out / "loss_curve.svg").read_text().startswith("<svg")
+
+    from mlx_lm import generate, load  # the peer loads our adapter folder as its own
+
+    model, tok = load(_tiny_path(), adapter_path=str(out))
+    assert isinstance(generate(model, tok, "wind in kent", max_tokens=3), str)
+
+
+def _tiny_path() -> str:
+    from lora.models import resolve
+
+    return resolve("tiny:llama").path
+
+
+def test_early_stopping(fit_data, tmp_path):
+    _, data = fit_data
+    result = train(load_config(_config(tmp_path, data, learning_rate=1.0, iters=40, steps_per_eval=2,
+                                       early_stopping_patience=2)), progress=False)
+    assert result.stopped_early and result.steps < 40 and result.status == "completed"
+
+
+def test_errors_before_training(fit_data, tmp_path):
+    _, data = fit_data
+    with pytest.raises(TrainError, match="train split has 231 rows, fewer than batch_size 1000"):
+        train(load_config(_config(tmp_path, data, batch_size=1000)), progress=False)
+    with pytest.raises(TrainError, match="valid split has 28 rows, fewer than batch_size 40"):
+        train(load_config(_config(tmp_path, data, batch_size=40)), progress=False)
+    with pytest.raises(TrainError, match="longer than max_seq_length 16 and would be truncated"):
+        train(load_config(_config(tmp_path, data, max_seq_length=16)), progress=False)
+    with pytest.raises(TrainError, match="does not exist"):
+        train(load_config(_config(tmp_path, tmp_path / "nope")), progress=False)
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) learning_rat "):
+        load_config(_config(tmp_path, data, learning_rat=1e-3))
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(_config(tmp_path, data, lora_parameters={"rank": 8, "alpha": 16}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tokenizer_model_mismatch_is_refused(fit_data, tmp_path, smollm2):
+    import shutil
+
+    from lora.models import resolve
+
+    _, data = fit_data
+    mixed = tmp_path / "mixed"
+    shutil.copytree(resolve("tiny:llama").path, mixed)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(smollm2.path) / name, mixed / name)
+    (mixed / "mondrian_model.json").unlink()
+    with pytest.raises(TrainError, match="tokenizer and model do not match"):
+        train(load_config(_config(tmp_path, data, model=str(mixed))), progress=False)
+
+
+def test_runs_cli(fit_data, tmp_path):
+    from click.testing import CliRunner
+
+    from mondrian.cli import cli
+
+    root, data = fit_data
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "--config", str(_config(tmp_path, data, iters=8)), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "completed after 8 steps" in res.output
+    listed = json.loads(runner.invoke(cli, ["runs", "list", "--db", str(root / "mondrian.db"), "--json"]).output)
+    run_id = listed[0]["run_id"]
+    shown = runner.invoke(cli, ["runs", "show", run_id, "--db", str(root / "mondrian.db"),
+                                "--svg", str(tmp_path / "c.svg")])
+    assert shown.exit_code == 0 and "val_loss" in shown.output and (tmp_path / "c.svg").is_file()
+    res = runner.invoke(cli, ["train", "--config", str(_config(tmp_path, data, iters=8))])
+    assert res.exit_code == 1 and "--resume" in res.output  # will not overwrite a run's checkpoints
