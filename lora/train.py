@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,22 +25,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from tqdm import tqdm
+from mlx.utils import tree_flatten, tree_map
 
-from mondrian.atomic import atomic_folder
+from lora import loop
+from lora.loop import Hooks, TrainError, TrainResult  # noqa: F401 - re-exported for callers
 from mondrian.config import ConfigError, from_dict, load_yaml
-from mondrian.fingerprint import file_sha256, folder_fingerprint
-from mondrian.plot import loss_curve_svg
-from mondrian.runs import RunStore
 
 # mlx-lm config keys that have no effect here; accepted so an mlx-lm config just works.
 MLX_LM_IGNORED = ("train", "test", "test_batches", "report_to", "project_name", "config",
                   "clear_cache_threshold", "trust_remote_code")
-
-
-class TrainError(ValueError):
-    """Training cannot start (or go on); the message says why and what to change."""
 
 
 @dataclass
@@ -98,7 +89,8 @@ class TrainConfig:
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"optimizer '{self.optimizer}' must be adam, adamw or sgd")
         for key in ("batch_size", "iters", "num_layers", "steps_per_report", "steps_per_eval",
-                    "save_every", "max_seq_length", "grad_accumulation_steps", "bucket_batches"):
+                    "save_every", "max_seq_length", "grad_accumulation_steps", "bucket_batches",
+                    "keep_checkpoints"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer (got {getattr(self, key)!r})")
         unknown = sorted(set(self.lora_parameters) - {"rank", "scale", "dropout", "keys"})
@@ -272,68 +264,8 @@ def save_adapter(folder: Path, model, cfg: TrainConfig, base_path: str) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(_adapter_config(cfg, base_path), indent=2) + "\n")
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, cfg: TrainConfig,
-                    base_path: str) -> Path:
-    """checkpoints/step-NNNNNN: adapter + optimizer state + trainer state, written atomically;
-    older ones beyond keep_checkpoints are removed."""
-    target = root / f"step-{step:07d}"
-    with atomic_folder(target) as tmp:
-        save_adapter(tmp, model, cfg, base_path)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (tmp / "trainer_state.json").write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
-    for old in sorted(root.glob("step-*"))[:-cfg.keep_checkpoints]:
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    done = [p for p in sorted(root.glob("step-*")) if (p / "trainer_state.json").is_file()]
-    return done[-1] if done else None
-
-
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    status: str
-    adapter_path: str
-    steps: int
-    best_val_loss: float | None
-    best_step: int | None
-    final_train_loss: float | None
-    first_val_loss: float | None
-    tokens: int
-    loss_tokens: int
-    seconds: float
-    tokens_per_s: float
-    stopped_early: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def runs_db(cfg: TrainConfig, data: Path) -> Path:
-    if cfg.db:
-        return Path(cfg.db)
-    for parent in [data, *data.parents]:
-        if (parent / "mondrian.yaml").is_file() or (parent / "mondrian.db").is_file():
-            return parent / "mondrian.db"
-    return Path("mondrian.db")
-
-
-def dataset_fingerprint(data: Path) -> str:
-    stats = data / "dataset_stats.json"
-    if stats.is_file():
-        fp = json.loads(stats.read_text()).get("fingerprint")
-        if fp:
-            return fp
-    return folder_fingerprint({n: file_sha256(data / n) for n in ("train.jsonl", "valid.jsonl")
-                               if (data / n).is_file()})
 
 
 def preflight(cfg: TrainConfig, model, tokenizer, train: Split, valid: Split) -> None:
@@ -397,28 +329,6 @@ def evaluate(model, loss_fn, split: Split, cfg: TrainConfig) -> float:
     return (total / count).item()
 
 
-class Interrupt:
-    """SIGTERM/SIGINT -> finish the current step, then stop as 'interrupted'."""
-
-    def __init__(self):
-        self.hit = False
-        self.old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.hit:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.hit = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
 def _is_vision_data(data: Path) -> bool:
     """Rows with "images" are mlx-vlm rows: the vision trainer takes them."""
     path = data / "train.jsonl"
@@ -441,7 +351,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     from lora.models import ModelError, resolve
 
-    t_start = time.perf_counter()
     data = Path(cfg.data)
     if not data.is_dir():
         raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
@@ -450,13 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
         return train_vision(cfg, resume=resume, progress=progress, stop_after=stop_after)
     out = Path(cfg.adapter_path)
-    ckpt_root = out / "checkpoints"
-    last = latest_checkpoint(ckpt_root) if resume else None
-    if resume and last is None:
-        raise TrainError(f"--resume: no checkpoint under {ckpt_root}")
-    if not resume and latest_checkpoint(ckpt_root) is not None:
-        raise TrainError(f"{out} already holds a run's checkpoints: use --resume to continue it, "
-                         "or pick another adapter_path")
+    checkpoint = loop.check_output(out, resume)
     try:
         card = resolve(cfg.model)
     except ModelError as exc:
@@ -480,31 +383,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     optimizer = make_optimizer(cfg)
     loss_fn, _ = make_loss(model, cfg.answer_only_logits)
 
-    state = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
-             "first_val_loss": None, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
-    start = 0
-    store = RunStore(runs_db(cfg, data))
-    dataset_fp = dataset_fingerprint(data)
-    if last is not None:
-        saved = json.loads((last / "trainer_state.json").read_text())
-        if saved.get("dataset_fingerprint") != dataset_fp:
-            raise TrainError(f"--resume: the data in {data} changed since the checkpoint was written")
-        if saved.get("base_model_fingerprint") != card.fingerprint:
-            raise TrainError(f"--resume: the base model {cfg.model} is not the one the run started with")
-        model.load_weights(str(last / "adapters.safetensors"), strict=False)
-        optimizer.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
-        start = saved["step"]
-        state = {k: saved.get(k, v) for k, v in state.items()}
-        run_id = saved["run_id"]
-        if start >= cfg.iters:
-            raise TrainError(f"run {run_id} already reached iters {cfg.iters}; raise iters to train further")
-        store.resume(run_id)
-        store.truncate_metrics(run_id, start)
-    else:
-        run_id = store.start("train", cfg.advisor, asdict(cfg), dataset_fp, cfg.model, card.fingerprint,
-                             str(out.resolve()))
-    meta = {"run_id": run_id, "dataset_fingerprint": dataset_fp, "base_model_fingerprint": card.fingerprint}
-
+    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint)
+    if checkpoint is not None:
+        model.load_weights(str(checkpoint / "adapters.safetensors"), strict=False)
+        loop.restore_optimizer(optimizer, checkpoint)
     mx.eval(model.parameters())
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation_steps
@@ -527,117 +409,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     lengths_all = [len(t) for t in train_split.tokens]
     per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     plans: dict[int, list[list[int]]] = {}
+    grads = [None]  # gradient carried across accumulation steps
+
+    def one_step(step: int) -> tuple[float, int, int]:
+        nonlocal plans
+        epoch, pos = divmod(step - 1, per_epoch)
+        if epoch not in plans:
+            plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch, cfg.bucket_batches)}
+        batch, lengths = make_batch(train_split, plans[epoch][pos], cfg.max_seq_length)
+        positions, valid = loss_positions(np.array(lengths), batch.shape[1])
+        mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
+        lvalue, toks, grads[0] = step_fn(batch, lengths, positions, valid, grads[0], step % accum == 0)
+        mx.eval(lvalue, toks, model.trainable_parameters(), optimizer.state)
+        n_tokens = int(np.sum(np.minimum(np.array(lengths)[:, 1], cfg.max_seq_length)))
+        return lvalue.item(), int(toks.item()), n_tokens
+
+    hooks = Hooks(step=one_step, evaluate=lambda: evaluate(model, loss_fn, valid_split, cfg),
+                  save_adapter=lambda folder, info: save_adapter(folder, model, cfg, card.path))
     model.train()
-    status, error, stopped_early = "completed", None, False
-    window_loss, window_toks, window_loss_toks, window_steps = 0.0, 0, 0, 0
-    window_t = time.perf_counter()
-    last_train_loss = None
-    grad_accum = None
-    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
-               disable=not progress, dynamic_ncols=True)
-
-    def run_eval(step: int) -> None:
-        val = evaluate(model, loss_fn, valid_split, cfg)
-        if state["first_val_loss"] is None:
-            state["first_val_loss"] = val
-        store.log(run_id, step, {"val_loss": val})
-        if state["best_val_loss"] is None or val < state["best_val_loss"]:
-            state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
-            with atomic_folder(out / "best") as tmp:
-                save_adapter(tmp, model, cfg, card.path)
-                (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val, "run_id": run_id}) + "\n")
-        elif step > 0:
-            state["evals_without_improvement"] += 1
-        bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
-
-    try:
-        with Interrupt() as interrupt:
-            if start == 0:
-                run_eval(0)
-            for step in range(start + 1, cfg.iters + 1):
-                epoch, pos = divmod(step - 1, per_epoch)
-                if epoch not in plans:
-                    plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch,
-                                               cfg.bucket_batches)}
-                batch, lengths = make_batch(train_split, plans[epoch][pos], cfg.max_seq_length)
-                positions, valid = loss_positions(np.array(lengths), batch.shape[1])
-                mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
-                lvalue, toks, grad_accum = step_fn(batch, lengths, positions, valid, grad_accum,
-                                                   step % accum == 0)
-                mx.eval(lvalue, toks, model.trainable_parameters(), optimizer.state)
-                n_tokens = int(np.sum(np.minimum(np.array(lengths)[:, 1], cfg.max_seq_length)))
-                state["tokens"] += n_tokens
-                state["loss_tokens"] += int(toks.item())
-                window_loss += lvalue.item()
-                window_toks += n_tokens
-                window_loss_toks += int(toks.item())
-                window_steps += 1
-                bar.update(1)
-                if step % cfg.steps_per_report == 0 or step == cfg.iters:
-                    dt = time.perf_counter() - window_t
-                    state["train_seconds"] += dt
-                    last_train_loss = window_loss / window_steps
-                    lr = optimizer.learning_rate
-                    metrics = {"train_loss": last_train_loss, "tokens_per_s": window_toks / dt,
-                               "loss_tokens_per_s": window_loss_toks / dt, "steps_per_s": window_steps / dt,
-                               "learning_rate": float(lr.item() if isinstance(lr, mx.array) else lr),
-                               "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                    store.log(run_id, step, metrics)
-                    bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{window_toks / dt:.0f}",
-                                    mem=f"{metrics['peak_memory_gb']:.2f}GB")
-                    window_loss, window_toks, window_loss_toks, window_steps = 0.0, 0, 0, 0
-                    window_t = time.perf_counter()
-                if step % cfg.steps_per_eval == 0 or step == cfg.iters:
-                    run_eval(step)
-                    window_t = time.perf_counter()  # evaluation time is not training throughput
-                    if (cfg.early_stopping_patience
-                            and state["evals_without_improvement"] >= cfg.early_stopping_patience):
-                        stopped_early = True
-                if step % cfg.save_every == 0 or step == cfg.iters or stopped_early or interrupt.hit:
-                    save_checkpoint(ckpt_root, step, model, optimizer, state | meta, cfg, card.path)
-                if stopped_early:
-                    break
-                if interrupt.hit:
-                    status = "interrupted"
-                    break
-                if stop_after is not None and step - start >= stop_after:
-                    bar.close()
-                    store.close()
-                    return _result(run_id, "interrupted", out, step, state, last_train_loss, t_start)
-        steps_done = step
-        # The published adapter is the best by validation loss; the last step is kept beside it.
-        with atomic_folder(out / "last") as tmp:
-            save_adapter(tmp, model, cfg, card.path)
-        best = out / "best"
-        for name in ("adapters.safetensors", "adapter_config.json"):
-            src = best / name if (best / name).exists() else out / "last" / name
-            tmp_file = out / f".{name}.tmp"
-            tmp_file.write_bytes(src.read_bytes())
-            os.replace(tmp_file, out / name)
-    except KeyboardInterrupt:
-        status, error, steps_done = "interrupted", "KeyboardInterrupt", bar.n
-    except Exception as exc:
-        status, error, steps_done = "failed", f"{type(exc).__name__}: {exc}", bar.n
-        store.finish(run_id, status, {"steps": steps_done}, error)
-        store.close()
-        raise
-    finally:
-        bar.close()
-    result = _result(run_id, status, out, steps_done, state, last_train_loss, t_start, stopped_early)
-    store.finish(run_id, status, result.to_dict(), error)
-    series = {name: [(s, v) for s, n, v in store.metrics(run_id) if n == name]
-              for name in ("train_loss", "val_loss")}
-    (out / "loss_curve.svg").write_text(loss_curve_svg(series, f"{cfg.advisor or 'train'} {run_id}"))
-    store.close()
-    return result
-
-
-def _result(run_id, status, out, steps, state, last_train_loss, t_start, stopped_early=False) -> TrainResult:
-    secs = state["train_seconds"]
-    return TrainResult(run_id=run_id, status=status, adapter_path=str(out), steps=steps,
-                       best_val_loss=state["best_val_loss"], best_step=state["best_step"],
-                       final_train_loss=last_train_loss, first_val_loss=state["first_val_loss"],
-                       tokens=state["tokens"], loss_tokens=state["loss_tokens"],
-                       seconds=round(time.perf_counter() - t_start, 2),
-                       tokens_per_s=round(state["tokens"] / secs, 1) if secs else 0.0,
-                       stopped_early=stopped_early)
+    return loop.run(cfg, session, out, hooks, optimizer, progress=progress, stop_after=stop_after)

@@ -27,34 +27,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-from tqdm import tqdm
+from mlx.utils import tree_flatten
 
-from lora.train import (
-    Interrupt,
-    TrainConfig,
-    TrainError,
-    TrainResult,
-    dataset_fingerprint,
-    latest_checkpoint,
-    make_optimizer,
-    runs_db,
-)
-from mondrian.atomic import atomic_folder
+from lora import loop
+from lora.loop import TrainError, TrainResult
+from lora.train import TrainConfig, make_optimizer
 from mondrian.config import ConfigError
-from mondrian.plot import loss_curve_svg
-from mondrian.runs import RunStore
 
 ADAPTER_WEIGHTS = "adapters.safetensors"  # the names mlx-vlm's _read_checkpoint looks for
 ADAPTER_CONFIG = "adapter_config.json"
@@ -246,20 +231,6 @@ def _load_adapter_weights(model: nn.Module, path: Path) -> None:
     model.load_weights(list(saved.items()), strict=False)
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Any, state: dict,
-                    info: dict, keep: int) -> Path:
-    """checkpoints/step-NNNNNNN: adapter (loadable by mlx-vlm as is) + optimizer state +
-    trainer state, written atomically; older ones beyond `keep` are removed."""
-    target = root / f"step-{step:07d}"
-    with atomic_folder(target) as tmp:
-        save_vision_adapter(tmp, model, info | {"step": step})
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (tmp / "trainer_state.json").write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
-    for old in sorted(root.glob("step-*"))[:-max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
 # --------------------------------------------------------------------------------------------
 # the run
 
@@ -297,7 +268,6 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
 
     from lora.models import ModelError, resolve
 
-    t_start = time.perf_counter()
     try:
         cfg.check()
     except ConfigError as exc:
@@ -306,13 +276,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
     if not data.is_dir():  # mlx-vlm's loader would take a missing folder for a hub dataset id
         raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
     out = Path(cfg.adapter_path)
-    ckpt_root = out / "checkpoints"
-    last = latest_checkpoint(ckpt_root) if resume else None
-    if resume and last is None:
-        raise TrainError(f"--resume: no checkpoint under {ckpt_root}")
-    if not resume and latest_checkpoint(ckpt_root) is not None:
-        raise TrainError(f"{out} already holds a run's checkpoints: use --resume to continue it, "
-                         "or pick another adapter_path")
+    checkpoint = loop.check_output(out, resume)
     train_rows = load_vision_split(data, "train")
     valid_rows = load_vision_split(data, "valid")
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
@@ -342,156 +306,38 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
         enable_model_gradient_checkpointing(model)
     optimizer = make_optimizer(cfg)
 
-    state: dict[str, Any] = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
-                             "first_val_loss": None, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
-    start = 0
-    store = RunStore(runs_db(cfg, data))
-    dataset_fp = dataset_fingerprint(data)
-    if last is not None:
-        saved = json.loads((last / "trainer_state.json").read_text())
-        if saved.get("dataset_fingerprint") != dataset_fp:
-            store.close()
-            raise TrainError(f"--resume: the data in {data} changed since the checkpoint was written")
-        if saved.get("base_model_fingerprint") != card.fingerprint:
-            store.close()
-            raise TrainError(f"--resume: the base model {cfg.model} is not the one the run started with")
-        if json.loads((last / ADAPTER_CONFIG).read_text()) != json.loads(json.dumps(lora_config)):
-            store.close()
-            raise TrainError("--resume: lora_parameters / num_layers differ from the checkpoint's")
-        _load_adapter_weights(model, last / ADAPTER_WEIGHTS)
-        optimizer.state = tree_unflatten(list(mx.load(str(last / "optimizer.safetensors")).items()))
-        start = saved["step"]
-        state = {k: saved.get(k, v) for k, v in state.items()}
-        run_id = saved["run_id"]
-        if start >= cfg.iters:  # before store.resume, which would mark the finished run running
-            store.close()
-            raise TrainError(f"run {run_id} already reached iters {cfg.iters}; raise iters to train further")
-        store.resume(run_id)
-        store.truncate_metrics(run_id, start)
-    else:
-        run_id = store.start("train", cfg.advisor, asdict(cfg) | {"trainer": "mlx-vlm"}, dataset_fp,
-                             cfg.model, card.fingerprint, str(out.resolve()))
-    meta = {"run_id": run_id, "dataset_fingerprint": dataset_fp, "base_model_fingerprint": card.fingerprint}
-    info = meta | {"base_model": cfg.model, "base_model_path": card.path, "advisor": cfg.advisor,
-                   "trainer": "mlx-vlm"}
+    if checkpoint is not None and json.loads((checkpoint / ADAPTER_CONFIG).read_text()) != \
+            json.loads(json.dumps(lora_config)):
+        raise TrainError("--resume: lora_parameters / num_layers differ from the checkpoint's")
+    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint, {"trainer": "mlx-vlm"})
+    if checkpoint is not None:
+        _load_adapter_weights(model, checkpoint / ADAPTER_WEIGHTS)
+        loop.restore_optimizer(optimizer, checkpoint)
+    info = session.meta | {"base_model": cfg.model, "base_model_path": card.path,
+                           "advisor": cfg.advisor, "trainer": "mlx-vlm"}
 
     mx.eval(model.parameters())
     loss_fn = partial(vlm_sft_loss, train_on_completions=cfg.mask_prompt)
     value_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation_steps
-    batches = batch_indices(train_ds, cfg, skip=start)
+    batches = batch_indices(train_ds, cfg, skip=session.start)
+    grads = [None]  # gradient carried across accumulation steps
+
+    def one_step(step: int) -> tuple[float, int, int]:
+        batch = collate(train_ds, next(batches), cfg, pad_id)
+        mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
+        lvalue, metrics, grads[0] = apply_gradient_step(model, optimizer, value_and_grad, batch, grads[0],
+                                                        update=step % accum == 0, accumulation_steps=accum)
+        if step == cfg.iters:  # a last, incomplete accumulation still counts
+            apply_final_accumulated_gradients(model, optimizer, grads[0], step, accum)
+            grads[0] = None
+        mx.eval(lvalue, metrics, model.trainable_parameters(), optimizer.state, grads[0])
+        return lvalue.item(), int(metrics["weight"].item()), int(metrics["num_processed_tokens"].item())
+
+    hooks = loop.Hooks(step=one_step, evaluate=lambda: evaluate(model, valid_ds, cfg, pad_id),
+                       save_adapter=lambda folder, extra: save_vision_adapter(folder, model, info | extra))
     model.train()
-    status, error, stopped_early = "completed", None, False
-    window_loss, window_weight, window_toks, window_steps = 0.0, 0, 0, 0
-    window_t = time.perf_counter()
-    last_train_loss = None
-    grads = None
-    step = start
-    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
-               disable=not progress, dynamic_ncols=True)
-
-    def run_eval(step: int) -> None:
-        val = evaluate(model, valid_ds, cfg, pad_id)
-        if state["first_val_loss"] is None:
-            state["first_val_loss"] = val
-        store.log(run_id, step, {"val_loss": val})
-        if state["best_val_loss"] is None or val < state["best_val_loss"]:
-            state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
-            with atomic_folder(out / "best") as tmp:
-                save_vision_adapter(tmp, model, info | {"step": step, "val_loss": val})
-                (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val, "run_id": run_id}) + "\n")
-        elif step > 0:
-            state["evals_without_improvement"] += 1
-        bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
-
-    try:
-        with Interrupt() as interrupt:
-            if start == 0:
-                run_eval(0)
-            for step in range(start + 1, cfg.iters + 1):
-                batch = collate(train_ds, next(batches), cfg, pad_id)
-                mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
-                lvalue, metrics, grads = apply_gradient_step(model, optimizer, value_and_grad, batch, grads,
-                                                             update=step % accum == 0, accumulation_steps=accum)
-                if step == cfg.iters:  # a last, incomplete accumulation still counts
-                    apply_final_accumulated_gradients(model, optimizer, grads, step, accum)
-                    grads = None
-                mx.eval(lvalue, metrics, model.trainable_parameters(), optimizer.state, grads)
-                weight, n_tokens = int(metrics["weight"].item()), int(metrics["num_processed_tokens"].item())
-                state["tokens"] += n_tokens
-                state["loss_tokens"] += weight
-                window_loss += lvalue.item() * weight  # token-weighted, as mlx-vlm reports it
-                window_weight += weight
-                window_toks += n_tokens
-                window_steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{lvalue.item():.3f}")
-                if step % cfg.steps_per_report == 0 or step == cfg.iters:
-                    dt = time.perf_counter() - window_t
-                    state["train_seconds"] += dt
-                    last_train_loss = window_loss / max(window_weight, 1)
-                    lr = optimizer.learning_rate
-                    report = {"train_loss": last_train_loss, "tokens_per_s": window_toks / dt,
-                              "loss_tokens_per_s": window_weight / dt, "steps_per_s": window_steps / dt,
-                              "learning_rate": float(lr.item() if isinstance(lr, mx.array) else lr),
-                              "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                    store.log(run_id, step, report)
-                    bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{window_toks / dt:.0f}",
-                                    mem=f"{report['peak_memory_gb']:.2f}GB")
-                    window_loss, window_weight, window_toks, window_steps = 0.0, 0, 0, 0
-                    window_t = time.perf_counter()
-                if step % cfg.steps_per_eval == 0 or step == cfg.iters:
-                    run_eval(step)
-                    window_t = time.perf_counter()  # evaluation time is not training throughput
-                    if (cfg.early_stopping_patience
-                            and state["evals_without_improvement"] >= cfg.early_stopping_patience):
-                        stopped_early = True
-                if step % cfg.save_every == 0 or step == cfg.iters or stopped_early or interrupt.hit:
-                    save_checkpoint(ckpt_root, step, model, optimizer, state | meta, info, cfg.keep_checkpoints)
-                if stopped_early:
-                    break
-                if interrupt.hit:
-                    status = "interrupted"
-                    break
-                if stop_after is not None and step - start >= stop_after:
-                    bar.close()
-                    store.close()
-                    return _result(run_id, "interrupted", out, step, state, last_train_loss, t_start), \
-                        model, processor
-        # The published adapter is the best by validation loss; the last step is kept beside it.
-        with atomic_folder(out / "last") as tmp:
-            save_vision_adapter(tmp, model, info | {"step": step})
-        best = out / "best"
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_INFO):
-            src = best / name if (best / name).exists() else out / "last" / name
-            tmp_file = out / f".{name}.tmp"
-            tmp_file.write_bytes(src.read_bytes())
-            os.replace(tmp_file, out / name)
-    except KeyboardInterrupt:
-        status, error = "interrupted", "KeyboardInterrupt"
-    except Exception as exc:
-        store.finish(run_id, "failed", {"steps": step}, f"{type(exc).__name__}: {exc}")
-        store.close()
-        raise
-    finally:
-        bar.close()
-    result = _result(run_id, status, out, step, state, last_train_loss, t_start, stopped_early)
-    store.finish(run_id, status, result.to_dict(), error)
-    series = {name: [(s, v) for s, n, v in store.metrics(run_id) if n == name]
-              for name in ("train_loss", "val_loss")}
-    (out / "loss_curve.svg").write_text(loss_curve_svg(series, f"{cfg.advisor or 'train'} {run_id}"))
-    store.close()
+    result = loop.run(cfg, session, out, hooks, optimizer, progress=progress, stop_after=stop_after)
     return result, model, processor
 
-
-def _result(run_id: str, status: str, out: Path, steps: int, state: dict, last_train_loss: float | None,
-            t_start: float, stopped_early: bool = False) -> TrainResult:
-    secs = state["train_seconds"]
-    return TrainResult(run_id=run_id, status=status, adapter_path=str(out), steps=steps,
-                       best_val_loss=state["best_val_loss"], best_step=state["best_step"],
-                       final_train_loss=last_train_loss, first_val_loss=state["first_val_loss"],
-                       tokens=state["tokens"], loss_tokens=state["loss_tokens"],
-                       seconds=round(time.perf_counter() - t_start, 2),
-                       tokens_per_s=round(state["tokens"] / secs, 1) if secs else 0.0,
-                       stopped_early=stopped_early)
 

@@ -87,12 +87,25 @@ COMMANDS = [
     ["demo-data", "{tmp}/ws2", "--n-fit", "200", "--n-photo", "50", "--image-size", "48"],
     ["link", "-w", "{tmp}/ws2"],
     ["dataset", "-w", "{tmp}/ws2", "--advisor", "photo-critic", "--model", "tiny:qwen2-vl"],
+    ["train", "--config", "{tmp}/train.yaml", "--no-progress"],
+    ["runs", "list", "--db", "{tmp}/ws/mondrian.db"],
 ]
+TRAIN_YAML = """model: tiny:llama
+data: {tmp}/ws/datasets/fit-query
+adapter_path: {tmp}/run
+num_layers: 2
+batch_size: 4
+iters: 2
+mask_prompt: true
+max_seq_length: 512
+val_batches: 1
+"""
 
 
 def test_commands_never_import_torch(watched, tmp_path):
     """Every command, in order (later ones use the workspace earlier ones wrote)."""
     env, marker = watched
+    (tmp_path / "train.yaml").write_text(TRAIN_YAML.replace("{tmp}", str(tmp_path)))
     for args in COMMANDS:
         args = [a.replace("{tmp}", str(tmp_path)) for a in args]
         res = run_cli(*args, env=env)
