@@ -61,6 +61,7 @@ from lora.link import normalize_text, text_group  # one definition of "the same 
 from mondrian.atomic import atomic_folder
 from mondrian.contracts import Advisor
 from mondrian.fingerprint import file_sha256, folder_fingerprint
+from mondrian.jsonl import read_jsonl
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
@@ -303,18 +304,11 @@ class _Row:
 
 def _read_manifest(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DatasetError(f"{path}:{line_no}: not valid JSON ({exc})") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("job_id"), str):
-                raise DatasetError(f"{path}:{line_no}: a manifest row must be an object "
-                                   "with a string job_id")
-            rows.append(row)
+    for line_no, row in read_jsonl(path, DatasetError):
+        if not isinstance(row, dict) or not isinstance(row.get("job_id"), str):
+            raise DatasetError(f"{path}:{line_no}: a manifest row must be an object "
+                               "with a string job_id")
+        rows.append(row)
     return rows
 
 

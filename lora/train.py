@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map
 from lora import loop
 from lora.loop import Hooks, TrainError, TrainResult  # noqa: F401 - re-exported for callers
 from mondrian.config import ConfigError, from_dict, load_yaml
+from mondrian.jsonl import read_jsonl
 
 # mlx-lm config keys that have no effect here; accepted so an mlx-lm config just works.
 MLX_LM_IGNORED = ("train", "test", "test_batches", "report_to", "project_name", "config",
@@ -126,14 +127,7 @@ def load_split(folder: Path, name: str, tokenizer, mask_prompt: bool) -> Split:
     path = folder / f"{name}.jsonl"
     if not path.is_file():
         raise TrainError(f"{path}: missing (build it with `mondrian dataset`)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise TrainError(f"{path}:{i}: not JSON ({exc.msg})") from None
+    rows = [row for _, row in read_jsonl(path, TrainError)]
     if not rows:
         return Split(name, [], [])
     # mlx-lm's own dataset classes, so tokenization and prompt masking are exactly theirs.

@@ -40,6 +40,7 @@ from lora import loop
 from lora.loop import TrainError, TrainResult
 from lora.train import TrainConfig, make_optimizer
 from mondrian.config import ConfigError
+from mondrian.jsonl import read_jsonl
 
 ADAPTER_WEIGHTS = "adapters.safetensors"  # the names mlx-vlm's _read_checkpoint looks for
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,30 +63,23 @@ def load_vision_split(folder: Path, name: str):
     if not path.is_file():
         raise TrainError(f"{path}: missing (build it with `mondrian dataset`)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainError(f"{path}:{i}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                raise TrainError(f"{path}:{i}: rows need 'messages' (mlx-vlm chat rows)")
-            images = row.get("images", row.get("image"))
-            images = [images] if isinstance(images, str) else images
-            if not images:
-                # Why refuse: a text-only row is not what a vision advisor learns from, and
-                # Qwen2-VL reuses the previous batch's cached M-RoPE positions when a batch
-                # has no pixel values.
-                raise TrainError(f"{path}:{i}: the row has no image; train_vision trains image "
-                                 "advisors (text advisors train with lora.train.train)")
-            for img in images:
-                if not isinstance(img, str):
-                    raise TrainError(f"{path}:{i}: image entries must be paths, got {img!r}")
-                if not (folder / img).is_file():
-                    raise TrainError(f"{path}:{i}: image {img} does not exist under {folder}")
-            rows.append(row)
+    for i, row in read_jsonl(path, TrainError):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise TrainError(f"{path}:{i}: rows need 'messages' (mlx-vlm chat rows)")
+        images = row.get("images", row.get("image"))
+        images = [images] if isinstance(images, str) else images
+        if not images:
+            # Why refuse: a text-only row is not what a vision advisor learns from, and
+            # Qwen2-VL reuses the previous batch's cached M-RoPE positions when a batch
+            # has no pixel values.
+            raise TrainError(f"{path}:{i}: the row has no image; train_vision trains image "
+                             "advisors (text advisors train with lora.train.train)")
+        for img in images:
+            if not isinstance(img, str):
+                raise TrainError(f"{path}:{i}: image entries must be paths, got {img!r}")
+            if not (folder / img).is_file():
+                raise TrainError(f"{path}:{i}: image {img} does not exist under {folder}")
+        rows.append(row)
     return RawSplit(rows, folder)
 
 
