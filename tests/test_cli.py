@@ -8,7 +8,10 @@ from click.testing import CliRunner
 from mondrian.cli import cli
 
 COMMANDS = [[], ["info"], ["models"], ["models", "import"], ["models", "list"], ["models", "show"],
-            ["generate"], ["demo"], ["demo-data"], ["link"], ["dataset"]]
+            ["generate"], ["demo"], ["demo-data"], ["link"], ["dataset"], ["train"], ["runs"],
+            ["runs", "list"], ["runs", "show"], ["adapters"], ["adapters", "publish"],
+            ["adapters", "import"], ["adapters", "list"], ["adapters", "show"], ["adapters", "verify"],
+            ["adapters", "alias"], ["adapters", "rollback"], ["adapters", "export"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "mondrian")
