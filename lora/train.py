@@ -304,17 +304,24 @@ def make_optimizer(cfg: TrainConfig):
     return cls(learning_rate=lr, **kwargs)
 
 
+def val_batches(split: Split, batch_size: int, n: int) -> list[list[int]]:
+    """The validation batches: length-sorted (little padding), and when only `n` of them are
+    wanted, `n` spread evenly over the length range. Taking the first `n` would measure only
+    the shortest rows, which are the easiest: a loss that looks better than the model is."""
+    order = sorted(range(len(split)), key=lambda i: (len(split.tokens[i]), i))
+    batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(len(order) // batch_size)]
+    if 0 < n < len(batches):
+        batches = [batches[round(k * (len(batches) - 1) / (n - 1))] for k in range(n)] if n > 1 \
+            else [batches[len(batches) // 2]]
+    return batches
+
+
 def evaluate(model, loss_fn, split: Split, cfg: TrainConfig) -> float:
-    """Validation loss over the first val_batches batches in a fixed (length-sorted) order."""
+    """Validation loss (token-weighted) over `val_batches(...)`, in a fixed order."""
     model.eval()
-    order = sorted(range(len(split)), key=lambda i: len(split.tokens[i]))
-    n = len(order) // cfg.batch_size
-    if cfg.val_batches > 0:
-        n = min(n, cfg.val_batches)
     total, count = mx.array(0.0), mx.array(0.0)
-    for b in range(n):
-        batch, lengths = make_batch(split, order[b * cfg.batch_size:(b + 1) * cfg.batch_size],
-                                    cfg.max_seq_length)
+    for idx in val_batches(split, cfg.batch_size, cfg.val_batches):
+        batch, lengths = make_batch(split, idx, cfg.max_seq_length)
         loss, toks = loss_fn(model, batch, lengths, *loss_positions(np.array(lengths), batch.shape[1]))
         total += loss * toks
         count += toks

@@ -605,6 +605,64 @@ def adapters_export(advisor: str, ref: str, fuse: bool, out: str, model_spec: st
     click.echo(f"fused {advisor} {v.version} into {path}")
 
 
+@cli.command("eval")
+@click.option("--adapter", "adapter", help="An adapter folder, or ADVISOR:REF of the registry (e.g. fit-query:v1, "
+              "fit-query:production). Without it only the base answers.")
+@click.option("--model", "model_spec", help="Base model spec [the adapter's model, or its card's].")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="Dataset folder [the adapter's data].")
+@click.option("--advisor", help="Advisor [the adapter's].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Only the first N rows.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--constrained", is_flag=True, help="Also run JSON-Schema-constrained decoding arms.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), help="Runs database [the data's workspace].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Report folder [<db folder>/evals/RUN].")
+@ROOT_OPTION
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None, advisor: str | None,
+             split: str, limit: int | None, batch_size: int, max_tokens: int, constrained: bool,
+             db_path: str | None, out_dir: str | None, root: str | None, no_progress: bool,
+             as_json: bool) -> None:
+    """Base vs adapter on the same rows: compliance, exact match, fields, paired statistics."""
+    from lora.evaluate import EvalError, evaluate
+    from mondrian.config import ConfigError
+    from mondrian.contracts import get_advisor
+
+    path = None
+    if adapter and ":" in adapter and not Path(adapter).exists():
+        name, ref = adapter.split(":", 1)
+        reg = _registry(root)
+        version = _registry_call(reg.show, name, ref)
+        spec = model_spec or version.card.base_model
+        path = _registry_call(reg.resolve, name, ref, _base(spec).fingerprint)  # verified first
+        model_spec, advisor = spec, advisor or name
+    elif adapter:
+        path = Path(adapter)
+    cfg = json.loads((path / "adapter_config.json").read_text()) if path and (path / "adapter_config.json").is_file() else {}
+    advisor = advisor or cfg.get("advisor")
+    data_dir = data_dir or cfg.get("data")
+    if not advisor or not data_dir:
+        raise click.UsageError("name --advisor and --data (the adapter's config does not say)")
+    try:
+        report = evaluate(model_spec, path, data_dir, get_advisor(advisor), split=split, limit=limit,
+                          batch_size=batch_size, max_tokens=max_tokens, db=db_path, out_dir=out_dir,
+                          constrained=constrained, progress=not (no_progress or as_json))
+    except (EvalError, ConfigError) as exc:
+        _fail(exc)
+    summary = report.summary()
+    if as_json:
+        _echo_json(summary | {"run_id": report.run_id})
+        return
+    click.echo(f"eval run {report.run_id}: {summary['rows']} rows; report {report.out_dir}/report.md")
+    for arm, m in summary.items():
+        if isinstance(m, dict):
+            click.echo(f"  {arm:20} parse {m['parse_rate']:.1%}  compliance {m['compliance']:.1%}  "
+                       f"exact {m['exact_match']:.1%}  fields {m['field_accuracy']:.1%}"
+                       + (f"  critical {m['critical_passed']}/3" if "critical_passed" in m else ""))
+
+
 @cli.command()
 @click.option("--model", "model_spec", default="smollm2-135m", show_default=True, help="Model spec.")
 @click.option("--workspace", "folder", default="workspace", show_default=True,

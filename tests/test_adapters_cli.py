@@ -70,6 +70,29 @@ def test_publish_verify_alias_rollback_tamper(trained_run, tmp_path):
     assert "v2: ok" in res.output
     res = runner.invoke(cli, ["adapters", "alias", "fit-query", "candidate", "v1", "--root", reg])
     assert res.exit_code == 1 and "checksum" in res.output  # never point an alias at a damaged version
+    res = runner.invoke(cli, ["eval", "--adapter", "fit-query:v1", "--root", reg, "--limit", "4"])
+    assert res.exit_code == 1 and "checksum" in res.output  # and no loader takes it either
+
+
+def test_eval_a_published_version(trained_run, tmp_path):
+    root, run_id = trained_run
+    reg = str(tmp_path / "registry")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["adapters", "publish", "--run", run_id, "--db", str(root / "mondrian.db"),
+                              "--root", reg, "--alias", "production"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["eval", "--adapter", "fit-query:production", "--root", reg, "--limit", "6",
+                              "--max-tokens", "12", "--batch-size", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["rows"] == 6 and {"base", "adapter"} <= set(summary)
+    assert (Path(summary["out_dir"]) / "report.md").is_file()
+    from mondrian.runs import RunStore
+
+    store = RunStore(root / "mondrian.db")
+    run = store.get(summary["run_id"])
+    store.close()
+    assert run["kind"] == "eval" and run["status"] == "completed"
 
 
 def test_publish_errors(trained_run, tmp_path):

@@ -175,3 +175,14 @@ def test_runs_cli(fit_data, tmp_path):
     assert shown.exit_code == 0 and "val_loss" in shown.output and (tmp_path / "c.svg").is_file()
     res = runner.invoke(cli, ["train", "--config", str(_config(tmp_path, data, iters=8))])
     assert res.exit_code == 1 and "--resume" in res.output  # will not overwrite a run's checkpoints
+
+
+def test_validation_subset_spans_all_lengths():
+    from lora.train import Split, val_batches
+
+    split = Split("valid", [[1] * n for n in range(10, 110)], [0] * 100)
+    chosen = val_batches(split, batch_size=4, n=5)
+    lengths = [len(split.tokens[i]) for b in chosen for i in b]
+    assert len(chosen) == 5 and min(lengths) == 10 and max(lengths) == 109  # not just the shortest
+    assert len(val_batches(split, batch_size=4, n=-1)) == 25
+    assert len(val_batches(split, batch_size=4, n=1)) == 1
