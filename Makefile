@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo data train test lint bench clean
+.PHONY: setup demo data train eval test lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ train: data
 	$(VENV)/bin/mondrian train --config lora/configs/fit-query.yaml \
 	    --adapter-path workspace/runs/fit-query-$$(date +%Y%m%d-%H%M%S)
 	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
+
+# Base vs the newest make-train adapter on the fit-query test split (report under workspace/evals/).
+eval: setup
+	$(VENV)/bin/mondrian eval --adapter $$(ls -d workspace/runs/fit-query-* | tail -1) \
+	    --advisor fit-query --data workspace/datasets/fit-query --max-tokens 128
 
 test: setup
 	$(PY) -m pytest -q

@@ -53,7 +53,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from lora import stats
-from mondrian.contracts import Advisor
+from mondrian.contracts import Advisor, canonical, loads_strict
 from mondrian.fingerprint import file_sha256
 from mondrian.jsonl import read_jsonl
 
@@ -143,19 +143,9 @@ def run_critical_cases(advisor: Advisor, answer: Callable[[list[str]], Sequence[
 # scoring one answer
 
 
-def _canonical(value):
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    return value
-
-
 def _key(value) -> str:
     """A type-strict comparison key: 100 and 100.0 agree, 1 and true and "1" do not."""
-    return json.dumps(_canonical(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(canonical(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _same(a, b) -> bool:
@@ -171,24 +161,11 @@ def _show(v, limit: int = 120) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def parse_answer(text: str) -> tuple[Any, str | None]:
     """The JSON value of an answer (surrounding whitespace allowed, nothing else) or an error.
     NaN / Infinity and duplicate keys are errors, as the linker treats production answers."""
     try:
-        return json.loads(text.strip(), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates), None
+        return loads_strict(text.strip()), None
     except json.JSONDecodeError as exc:
         return None, f"{exc.msg} at column {exc.colno}" if text.strip() else "empty answer"
     except ValueError as exc:

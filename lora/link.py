@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import mondrian
 from mondrian.atomic import atomic_folder
-from mondrian.contracts import Advisor, load_advisors
+from mondrian.contracts import Advisor, load_advisors, loads_strict
 from mondrian.db import count_jobs, open_db, read_jobs
 from mondrian.workspace import Workspace
 
@@ -246,7 +246,7 @@ class Linker:
         except UnicodeDecodeError as exc:
             raise Reject("invalid_json", f"{where} is not UTF-8 (byte {exc.start})") from None
         try:
-            obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
+            obj = loads_strict(text)
         except json.JSONDecodeError as exc:
             raise Reject("invalid_json", f"{where}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
         except (ValueError, RecursionError) as exc:  # NaN, duplicate keys, absurd nesting
@@ -312,19 +312,6 @@ class Linker:
                                                                      if kind == "duplicate_conflict" else ""))
         self.seen_inputs[(advisor.name, group)] = (key, out_sha)
         return {"input": inp, "output": output, "output_sha256": out_sha, "group": group}
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicate_keys(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ValueError(f"duplicate key {k!r}")
-        obj[k] = v
-    return obj
 
 
 def _json_safe(value):

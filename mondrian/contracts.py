@@ -58,21 +58,41 @@ class Advisor:
     def normalize(self, obj: dict) -> dict:
         """Canonical form of a valid answer: schema field order, whole floats as ints."""
         order = {k: i for i, k in enumerate(self.fields)}
-        return {k: _canonical(obj[k]) for k in sorted(obj, key=lambda k: (order.get(k, len(order)), k))}
+        return {k: canonical(obj[k]) for k in sorted(obj, key=lambda k: (order.get(k, len(order)), k))}
 
     def render(self, obj: dict) -> str:
         """The exact text an advisor is trained to write for `obj`."""
         return json.dumps(self.normalize(obj), ensure_ascii=False, separators=(",", ":"))
 
 
-def _canonical(value):
+def canonical(value):
+    """Whole floats as ints, recursively: 100.0 and 100 are the same answer."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, list):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
+        return {k: canonical(v) for k, v in value.items()}
     return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def loads_strict(text: str):
+    """json.loads for advisor answers (production's and models'): NaN / Infinity and duplicate
+    keys are errors (ValueError), not values that would slip past the schema."""
+    return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
 
 
 def load_advisor(path: str | Path) -> Advisor:
