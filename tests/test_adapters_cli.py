@@ -9,22 +9,13 @@ import yaml
 from click.testing import CliRunner
 
 from mondrian.cli import cli
+from tests.helpers import pipeline_dataset
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from lora.dataset import build_dataset
-    from lora.demo_workspace import write_demo_workspace
-    from lora.link import link_workspace
-    from mondrian.contracts import get_advisor
-    from mondrian.workspace import load_workspace
-
     root = tmp_path_factory.mktemp("adapters") / "ws"
-    write_demo_workspace(root, n_fit=200, n_photo=0, seed=2)
-    ws = load_workspace(root)
-    link_workspace(ws, progress=False)
-    build_dataset(root / "manifest", get_advisor("fit-query"), root / "datasets" / "fit-query",
-                  data_root=ws.data_path)
+    pipeline_dataset(root, "fit-query", n_fit=200, n_photo=0, seed=2)
     cfg = {"model": "tiny:llama", "data": str(root / "datasets" / "fit-query"),
            "adapter_path": str(root / "runs" / "r1"), "advisor": "fit-query", "num_layers": 2,
            "batch_size": 4, "iters": 4, "learning_rate": 1e-3, "mask_prompt": True,

@@ -15,24 +15,13 @@ import yaml
 from lora.train import TrainError, load_config, train
 from mondrian.config import ConfigError
 from mondrian.runs import RunStore
-from tests.helpers import ROOT
+from tests.helpers import ROOT, pipeline_dataset
 
 
 @pytest.fixture(scope="module")
 def fit_data(tmp_path_factory):
-    from lora.dataset import build_dataset
-    from lora.demo_workspace import write_demo_workspace
-    from lora.link import link_workspace
-    from mondrian.contracts import get_advisor
-    from mondrian.workspace import load_workspace
-
     root = tmp_path_factory.mktemp("train") / "ws"
-    write_demo_workspace(root, n_fit=300, n_photo=0, seed=1)
-    ws = load_workspace(root)
-    link_workspace(ws, progress=False)
-    out = root / "datasets" / "fit-query"
-    build_dataset(root / "manifest", get_advisor("fit-query"), out, data_root=ws.data_path)
-    return root, out
+    return root, pipeline_dataset(root, "fit-query", n_fit=300, n_photo=0, seed=1)
 
 
 def _config(tmp_path: Path, data: Path, **kw) -> Path:

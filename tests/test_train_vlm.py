@@ -17,24 +17,16 @@ import pytest
 from lora.train import TrainConfig, TrainError
 from lora.train_vlm import _load_adapter_weights, _run, train_vision
 from mondrian.runs import RunStore
+from tests.helpers import pipeline_dataset
 
 
 @pytest.fixture(scope="module")
 def vision_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A photo-critic dataset from the real pipeline: demo workspace -> link -> dataset."""
-    from lora.dataset import build_dataset
-    from lora.demo_workspace import write_demo_workspace
-    from lora.link import link_workspace
-    from mondrian.contracts import get_advisor
-    from mondrian.workspace import load_workspace
-
     root = tmp_path_factory.mktemp("train_vlm") / "ws"
-    write_demo_workspace(root, n_fit=0, n_photo=60, image_size=64)
-    ws = load_workspace(root)
-    link_workspace(ws, progress=False)
-    out = root / "datasets" / "photo-critic"
-    report = build_dataset(root / "manifest", get_advisor("photo-critic"), out, data_root=ws.data_path)
-    assert report.counts["train"] >= 16 and report.counts["valid"] >= 4
+    out = pipeline_dataset(root, "photo-critic", n_fit=0, n_photo=60, image_size=64)
+    counts = json.loads((out / "dataset_stats.json").read_text())["counts"]
+    assert counts["train"] >= 16 and counts["valid"] >= 4
     return out
 
 
