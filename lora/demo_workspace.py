@@ -430,6 +430,24 @@ def _base_row(job: _Job, rng: random.Random, created: datetime, job_id: str) -> 
             "completed_at": None if status in ("pending", "running") else _iso(done)}
 
 
+def _analysis_text(job: _Job, answer: dict[str, Any], row: dict[str, Any], files: _Files,
+                   rng: random.Random, advisor: Advisor, in_file: bool) -> str | None:
+    """The analysis a job stores, by its defect kind (both advisors); None when it has none
+    (analysis_missing: half of those point at a file that is never written)."""
+    kind, v = job.kind, job.variant
+    if kind == "analysis_missing":
+        if v % 2:
+            row["analysis_path"] = files.analysis_name()  # never written
+        return None
+    if kind == "invalid_json":
+        return _broken_json(answer, v)
+    if kind == "contract_violation":
+        return json.dumps(_violation(advisor, answer, v))
+    if kind == "duplicate_conflict":
+        return json.dumps(_conflicting(advisor, answer))
+    return _production_json(answer, rng, in_file)
+
+
 def _photo_row(job: _Job, row: dict[str, Any], files: _Files, rng: random.Random,
                advisor: Advisor, created: datetime) -> None:
     kind, v, sample = job.kind, job.variant, job.sample
@@ -455,19 +473,9 @@ def _photo_row(job: _Job, row: dict[str, Any], files: _Files, rng: random.Random
     else:  # good-looking input; duplicates re-upload the same bytes under a new name
         row["image_path"], row["image_sha256"] = files.put_image(sample.png, created), recorded
     # Output: always a file for photo-critic.
-    if kind == "analysis_missing":
-        if v % 2:
-            row["analysis_path"] = files.analysis_name()  # never written
-        return
-    if kind == "invalid_json":
-        text = _broken_json(answer, v)
-    elif kind == "contract_violation":
-        text = json.dumps(_violation(advisor, answer, v))
-    elif kind == "duplicate_conflict":
-        text = json.dumps(_conflicting(advisor, answer))
-    else:
-        text = _production_json(answer, rng, in_file=True)
-    row["analysis_path"] = files.put_analysis(text)
+    text = _analysis_text(job, answer, row, files, rng, advisor, in_file=True)
+    if text is not None:
+        row["analysis_path"] = files.put_analysis(text)
 
 
 def _fit_row(job: _Job, row: dict[str, Any], files: _Files, rng: random.Random,
@@ -476,18 +484,9 @@ def _fit_row(job: _Job, row: dict[str, Any], files: _Files, rng: random.Random,
     question, answer = job.sample.question, job.sample.answer
     row["input_text"] = (None, "")[v % 2] if kind == "input_missing" else question
     in_file = rng.random() < FIT_IN_FILE
-    if kind == "analysis_missing":
-        if v % 2:
-            row["analysis_path"] = files.analysis_name()  # never written
+    text = _analysis_text(job, answer, row, files, rng, advisor, in_file)
+    if text is None:
         return
-    if kind == "invalid_json":
-        text = _broken_json(answer, v)
-    elif kind == "contract_violation":
-        text = json.dumps(_violation(advisor, answer, v))
-    elif kind == "duplicate_conflict":
-        text = json.dumps(_conflicting(advisor, answer))
-    else:
-        text = _production_json(answer, rng, in_file)
     if in_file:
         row["analysis_path"] = files.put_analysis(text)
     else:

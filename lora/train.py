@@ -223,7 +223,7 @@ def make_loss(model, answer_only: bool):
         ntoks = valid.sum()
         return ce.astype(mx.float32).sum() / ntoks, ntoks
 
-    return (gathered, True) if head is not None else (full, False)
+    return gathered if head is not None else full
 
 
 def loss_positions(lengths: np.ndarray, width: int) -> tuple[mx.array, mx.array]:
@@ -265,7 +265,6 @@ def save_adapter(folder: Path, model, cfg: TrainConfig, base_path: str) -> None:
 def preflight(cfg: TrainConfig, model, tokenizer, train: Split, valid: Split) -> None:
     """Everything that would fail (or silently go wrong) later, refused before step one."""
     vocab_rows = None
-    head = _output_head(model)
     if hasattr(model, "model") and hasattr(model.model, "embed_tokens"):
         vocab_rows = model.model.embed_tokens.weight.shape[0]
     if vocab_rows is not None:
@@ -276,7 +275,6 @@ def preflight(cfg: TrainConfig, model, tokenizer, train: Split, valid: Split) ->
         if top >= vocab_rows:
             raise TrainError(f"the data holds token id {top}, beyond the model's {vocab_rows} embeddings: "
                              "tokenizer and model do not match")
-    del head
     for split in (train, valid):
         if len(split) < cfg.batch_size:
             raise TrainError(f"the {split.name} split has {len(split)} rows, fewer than batch_size "
@@ -382,7 +380,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
         grad_checkpoint(layers[0])
     optimizer = make_optimizer(cfg)
-    loss_fn, _ = make_loss(model, cfg.answer_only_logits)
+    loss_fn = make_loss(model, cfg.answer_only_logits)
 
     session = loop.begin(cfg, data, out, card.fingerprint, checkpoint)
     if checkpoint is not None:
