@@ -3,11 +3,8 @@
 import random
 import re
 from collections import Counter
-from pathlib import Path
 
-import jsonschema
 import pytest
-import yaml
 
 from lora import fitquery_questions as fq
 from lora.fitquery_questions import (
@@ -29,20 +26,15 @@ from lora.fitquery_questions import (
     technologies,
     technology,
 )
+from mondrian.contracts import Advisor, load_advisors
 
-CONTRACT = Path(__file__).resolve().parents[1] / "mondrian" / "advisors" / "fit-query.yaml"
 YORKSHIRE = ["YO", "HU", "DN", "HD", "WF", "LS", "BD"]
 
 
 @pytest.fixture(scope="module")
-def contract() -> dict:
-    return yaml.safe_load(CONTRACT.read_text())
-
-
-@pytest.fixture(scope="module")
-def validator(contract: dict) -> jsonschema.Draft202012Validator:
-    jsonschema.Draft202012Validator.check_schema(contract["schema"])
-    return jsonschema.Draft202012Validator(contract["schema"])
+def contract() -> Advisor:
+    """Through the project's one contract loader (which also checks the schema itself)."""
+    return load_advisors()["fit-query"]
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +42,15 @@ def sample() -> list[fq.Example]:
     return generate(1000, seed=0)
 
 
-def test_contract_shape(contract: dict) -> None:
-    assert contract["name"] == "fit-query"
-    assert contract["input_kind"] == "text"
-    assert contract["schema"]["additionalProperties"] is False
-    for field in contract["schema"]["properties"]:  # the prompt teaches every field name
-        assert field in contract["system_prompt"]
+def test_contract_shape(contract: Advisor) -> None:
+    assert contract.name == "fit-query"
+    assert contract.input_kind == "text"
+    assert contract.schema["additionalProperties"] is False
+    for field in contract.schema["properties"]:  # the prompt teaches every field name
+        assert field in contract.system_prompt
 
 
-def test_contract_rejects_bad_answers(validator: jsonschema.Draft202012Validator) -> None:
+def test_contract_rejects_bad_answers(contract: Advisor) -> None:
     bad = [
         {"technology": "Wind"},  # no query_type
         {"query_type": "search", "technology": "wind"},  # wrong case
@@ -71,12 +63,12 @@ def test_contract_rejects_bad_answers(validator: jsonschema.Draft202012Validator
         {"query_type": "fit_rate", "fit_id": "12a"},
     ]
     for answer in bad:
-        assert not validator.is_valid(answer), answer
+        assert contract.violations(answer), answer
 
 
-def test_every_answer_meets_contract(validator: jsonschema.Draft202012Validator) -> None:
+def test_every_answer_meets_contract(contract: Advisor) -> None:
     for ex in generate(1500, seed=7):
-        errors = list(validator.iter_errors(ex.answer))
+        errors = contract.violations(ex.answer)
         assert not errors, (ex, errors[0].message)
 
 
