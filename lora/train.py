@@ -89,7 +89,10 @@ class TrainConfig:
                               "the optimizer state and data position too")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"optimizer '{self.optimizer}' must be adam, adamw or sgd")
-        for key in ("batch_size", "iters", "num_layers", "steps_per_report", "steps_per_eval",
+        if self.num_layers != -1 and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ConfigError(f"num_layers must be a positive integer or -1 for all layers "
+                              f"(got {self.num_layers!r})")
+        for key in ("batch_size", "iters", "steps_per_report", "steps_per_eval",
                     "save_every", "max_seq_length", "grad_accumulation_steps", "bucket_batches",
                     "keep_checkpoints"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -372,9 +375,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     model.freeze()
     layers = getattr(model, "layers", None) or model.model.layers
-    if cfg.num_layers > len(layers):
+    num_layers = len(layers) if cfg.num_layers == -1 else cfg.num_layers
+    if num_layers > len(layers):
         raise TrainError(f"num_layers {cfg.num_layers} > the model's {len(layers)} layers")
-    linear_to_lora_layers(model, cfg.num_layers, cfg.lora_parameters)
+    linear_to_lora_layers(model, num_layers, cfg.lora_parameters)
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 

@@ -656,12 +656,7 @@ class Registry:
             current = state["aliases"].get(alias)
             stack = state["previous"].setdefault(alias, [])
             if action == "rollback":
-                while stack and stack[-1] == current:
-                    stack.pop()  # not a move: skip
-                if not stack:
-                    raise RegistryError(f"{advisor}: alias '{alias}' has no earlier version to roll "
-                                        f"back to (it points at {current or 'nothing'})")
-                target = stack[-1]
+                target = self._rollback_target(advisor, alias, state)
             self._require_version(advisor, target)
             report = self.verify(advisor, target)
             if not report.ok:  # never point an alias at a damaged version
@@ -678,6 +673,22 @@ class Registry:
                                      "from": current, "to": target})
             _write_json_atomic(adir / ALIASES, state)
             return target
+
+    @staticmethod
+    def _rollback_target(advisor: str, alias: str, state: dict) -> str:
+        current = state["aliases"].get(alias)
+        stack = state["previous"].setdefault(alias, [])
+        while stack and stack[-1] == current:
+            stack.pop()  # not a move: skip
+        if not stack:
+            raise RegistryError(f"{advisor}: alias '{alias}' has no earlier version to roll "
+                                f"back to (it points at {current or 'nothing'})")
+        return stack[-1]
+
+    def rollback_target(self, advisor: str, alias: str = "production") -> str:
+        """The version `rollback` would point `alias` at (nothing moves)."""
+        self._check_alias_name(alias)
+        return self._rollback_target(advisor, alias, self._read_state(self._advisor_dir(advisor)))
 
     def set_alias(self, advisor: str, alias: str, version: str) -> str:
         """Point `alias` at `version` (verified first); the old target is kept for rollback."""

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 
 
 def run_cli(*args: str, env: dict | None = None, **kw):
@@ -30,3 +31,29 @@ def pipeline_dataset(root: Path, advisor: str, **demo) -> Path:
     out = root / "datasets" / advisor
     build_dataset(root / "manifest", get_advisor(advisor), out, data_root=ws.data_path)
     return out
+
+
+def write_random_adapter(folder: Path, base_path: str, seed: int = 0, num_layers: int = 2,
+                         lora: dict | None = None, amplitude: float = 0.05) -> Path:
+    """An mlx-lm LoRA adapter for `base_path` with random, non-zero lora_b (so it changes the
+    model), written as mlx-lm writes it. Faster than training and just as real to a loader."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    lora = lora or LORA
+    model, _ = load(base_path)
+    model.freeze()
+    mx.random.seed(seed)
+    linear_to_lora_layers(model, num_layers, lora)
+    weights = {k: (mx.random.normal(v.shape) * amplitude if k.endswith("lora_b") else v)
+               for k, v in tree_flatten(model.trainable_parameters())}
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+    config = {"model": base_path, "fine_tune_type": "lora", "num_layers": num_layers,
+              "lora_parameters": lora}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder

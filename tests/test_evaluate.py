@@ -1,4 +1,4 @@
-"""lora.evaluate / lora.stats: metrics on hand-made answers, paired statistics against scipy,
+"""lora.evaluate / mondrian.stats: metrics on hand-made answers, paired statistics against scipy,
 critical cases with a stub model, and the real thing end to end on the tiny llama with a LoRA
 adapter (scale 0 == base logits bit for bit, batched == one-at-a-time greedy, report files,
 the eval run in SQLite, JSON-Schema-constrained decoding)."""
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lora import evaluate as ev
-from lora import stats
+from mondrian import generation as gen
+from mondrian import stats
 from mondrian.contracts import get_advisor
 from mondrian.runs import RunStore
 
@@ -74,7 +75,7 @@ def test_score_answer_edge_cases():
 
 
 def test_arm_metrics_known_values():
-    gens = [ev.Generation(a, tokens=10 + i, latency_s=float(i + 1)) for i, a in enumerate(ANSWERS)]
+    gens = [gen.Generation(a, tokens=10 + i, latency_s=float(i + 1)) for i, a in enumerate(ANSWERS)]
     m = ev.arm_metrics(FIT, _scores(), gens, wall_s=2.0, generated=5, generated_tokens=60)
     assert (m["parse_rate"], m["compliance"], m["exact_match"]) == (0.8, 0.6, 0.2)
     assert m["field_accuracy"] == pytest.approx(7 / 14)
@@ -288,9 +289,9 @@ def test_scale_zero_is_the_base_model_bit_for_bit(tiny_setup, tiny_loaded):
     base_path, _, _ = tiny_setup
     plain, tok = load(base_path)
     model, _ = tiny_loaded
-    switch = ev.AdapterSwitch(model)
+    switch = gen.AdapterSwitch(model)
     assert len(switch.layers) > 0 and all(s == 10.0 for s in switch.scales)
-    tokens = mx.array([ev.chat_prompt(tok, [{"role": "user", "content": "wind sites over 100kw in kent"}])])
+    tokens = mx.array([gen.chat_prompt(tok, [{"role": "user", "content": "wind sites over 100kw in kent"}])])
     want = plain(tokens)
     switch.set(True)
     on = model(tokens)
@@ -308,13 +309,13 @@ def test_batched_answers_equal_one_at_a_time(tiny_setup, tiny_loaded, on):
 
     _, _, data = tiny_setup
     model, tok = tiny_loaded
-    switch = ev.AdapterSwitch(model)
+    switch = gen.AdapterSwitch(model)
     rows = ev.load_rows(data, "test", FIT)
-    prompts = [ev.chat_prompt(tok, r.messages) for r in rows]
+    prompts = [gen.chat_prompt(tok, r.messages) for r in rows]
     assert len({len(p) for p in prompts}) > 1  # different lengths: padding is exercised
     try:
         switch.set(on)
-        gens, wall = ev.generate_batch(model, tok, prompts, batch_size=4, max_tokens=12)  # 6 rows: slots refill
+        gens, wall = gen.generate_batch(model, tok, prompts, batch_size=4, max_tokens=12)  # 6 rows: slots refill
         singles = [generate(model, tok, p, max_tokens=12) for p in prompts]
         peer = batch_generate(model, tok, prompts, max_tokens=12).texts
     finally:
@@ -382,10 +383,10 @@ def test_constrained_decoding_makes_a_random_model_write_the_contract(tiny_loade
 
     small.write_text(yaml.safe_dump({"name": "small", "input_kind": "text", "system_prompt": "answer", "schema": schema}))
     adv: Advisor = load_advisor(small)
-    constraint = ev.SchemaConstraint(adv.schema, tok)
-    prompts = [ev.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("wind in kent", "solar", "hydro?")]
-    free, _ = ev.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40)
-    held, _ = ev.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40,
+    constraint = gen.SchemaConstraint(adv.schema, tok)
+    prompts = [gen.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("wind in kent", "solar", "hydro?")]
+    free, _ = gen.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40)
+    held, _ = gen.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40,
                                 logits_processors=[constraint.processor() for _ in prompts])
     assert not any(ev.score_answer(adv, {"kind": "wind", "ok": True}, g.text).parsed for g in free)
     for g in held:
@@ -424,7 +425,7 @@ def test_grammar_schema_says_what_the_contract_says():
     the contract accepts, on every generated answer and on answers that break the rules."""
     import jsonschema
 
-    rewritten, notes = ev.grammar_schema(FIT.schema)
+    rewritten, notes = gen.grammar_schema(FIT.schema)
     assert len(rewritten["anyOf"]) == 7 and any("anyOf" in n for n in notes)  # 4 query types x 2 exclusions, less comparison-without-technologies
     check = jsonschema.Draft202012Validator(rewritten)
     good, bad = _answers_and_breakers()
@@ -432,14 +433,14 @@ def test_grammar_schema_says_what_the_contract_says():
     for obj in good + bad:
         assert check.is_valid(obj) == (not FIT.violations(obj)), obj
     assert sum(check.is_valid(b) for b in bad) == 0
-    assert ev.grammar_schema({"type": "object", "properties": {"a": {"type": "string"}}})[1] == []
+    assert gen.grammar_schema({"type": "object", "properties": {"a": {"type": "string"}}})[1] == []
 
 
 def test_grammar_takes_every_contract_answer_and_refuses_inconsistent_ones(tiny_loaded):
     import llguidance
 
     _, tok = tiny_loaded
-    constraint = ev.SchemaConstraint(FIT.schema, tok)
+    constraint = gen.SchemaConstraint(FIT.schema, tok)
     assert constraint.warnings and all("uniqueItems" in w for w in constraint.warnings)
     good, bad = _answers_and_breakers()
     for obj in good[:120]:

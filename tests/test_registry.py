@@ -16,39 +16,14 @@ import yaml
 
 from mondrian.fingerprint import file_sha256
 from mondrian.registry import CARD, Registry, RegistryError, check_adapter
-from tests.helpers import ROOT
+from tests.helpers import LORA, ROOT, write_random_adapter
 
 ADV = "fit-query"
-LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
-
-
-def _write_adapter(folder: Path, base_path: str, seed: int = 0, num_layers: int = 2) -> Path:
-    """An mlx-lm LoRA adapter for `base_path` with random, non-zero lora_b (so it changes the
-    model), written as mlx-lm writes it. Faster than training and just as real to a loader."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model, _ = load(base_path)
-    model.freeze()
-    mx.random.seed(seed)
-    linear_to_lora_layers(model, num_layers, LORA)
-    weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
-               for k, v in tree_flatten(model.trainable_parameters())}
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-    config = {"model": base_path, "fine_tune_type": "lora", "num_layers": num_layers,
-              "lora_parameters": LORA}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_llama) -> Path:
     """Shaped like a training run's adapter_path: the adapter, a loss curve, and the folders
     a version must not carry (best/, last/, checkpoints/)."""
-    out = _write_adapter(tmp_path_factory.mktemp("run") / "run", tiny_llama.path)
+    out = write_random_adapter(tmp_path_factory.mktemp("run") / "run", tiny_llama.path)
     (out / "loss_curve.svg").write_text("<svg/>")
     for sub in ("best", "last", "checkpoints/step-0000004"):
         (out / sub).mkdir(parents=True)

@@ -159,3 +159,158 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not len(values):
         return None
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+# --- Unpaired proportions (A/B arms) and the sample-ratio-mismatch check ---
+
+def _z(level: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - level) / 2)
+
+
+def norm_sf(z: float) -> float:
+    """Upper tail of the standard normal."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def wilson_interval(x: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval for a proportion x / n (None for n = 0)."""
+    if n == 0:
+        return None
+    z = _z(level)
+    p = x / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass(frozen=True)
+class TwoProportions:
+    """B vs A on unpaired rows: diff = p_b - p_a.
+
+    - `ci_newcombe`: Newcombe's hybrid score interval (his method 10: Wilson intervals of
+      each rate, combined). The one to read: it keeps near-nominal coverage when rates
+      are close to 0 or 1 (as compliance rates are) and never has zero width.
+    - `ci_wald`: the unpooled Wald interval diff +- z * sqrt(pa(1-pa)/na + pb(1-pb)/nb),
+      for comparison with textbooks; it under-covers near 0/1 and collapses to a point
+      when both rates are 0 or 1.
+    - `p_value`: two-sided two-proportion z-test with the pooled rate under H0 (equal rates).
+    """
+
+    x_a: int
+    n_a: int
+    x_b: int
+    n_b: int
+    p_a: float | None
+    p_b: float | None
+    diff: float | None
+    ci_wald: tuple[float, float] | None
+    ci_newcombe: tuple[float, float] | None
+    z: float | None
+    p_value: float | None
+    level: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("ci_wald", "ci_newcombe"):
+            d[key] = list(d[key]) if d[key] is not None else None
+        return d
+
+
+def two_proportion_ztest(x_a: int, n_a: int, x_b: int, n_b: int,
+                         level: float = 0.95) -> TwoProportions:
+    """Compare rate B (x_b / n_b) with rate A (x_a / n_a); see `TwoProportions`.
+
+    Rates, difference, intervals and p-value are None when either arm has no rows. When
+    the pooled rate is 0 or 1 both arms agree exactly: z is None and the p-value 1."""
+    for name, x, n in (("a", x_a, n_a), ("b", x_b, n_b)):
+        if n < 0 or x < 0 or x > n:
+            raise ValueError(f"two_proportion_ztest: need 0 <= x_{name} <= n_{name}, got {x} of {n}")
+    if n_a == 0 or n_b == 0:
+        return TwoProportions(x_a, n_a, x_b, n_b, x_a / n_a if n_a else None,
+                              x_b / n_b if n_b else None, None, None, None, None, None, level)
+    pa, pb = x_a / n_a, x_b / n_b
+    diff = pb - pa
+    zc = _z(level)
+    se = math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
+    wald = (diff - zc * se, diff + zc * se)
+    la, ua = wilson_interval(x_a, n_a, level)
+    lb, ub = wilson_interval(x_b, n_b, level)
+    newcombe = (diff - math.sqrt((pb - lb) ** 2 + (ua - pa) ** 2),
+                diff + math.sqrt((ub - pb) ** 2 + (pa - la) ** 2))
+    pooled = (x_a + x_b) / (n_a + n_b)
+    se0 = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if se0 == 0:
+        z, p = None, 1.0
+    else:
+        z = diff / se0
+        p = min(1.0, 2 * norm_sf(abs(z)))
+    return TwoProportions(x_a, n_a, x_b, n_b, pa, pb, diff, wald, newcombe, z, p, level)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """Survival function of the chi-square distribution with an integer df >= 1 (closed
+    forms: a Poisson tail for even df, erfc plus a finite sum for odd df)."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"chi2_sf: df must be a positive integer, got {df}")
+    if x <= 0:
+        return 1.0
+    if math.isinf(x):
+        return 0.0
+    h = x / 2
+    if df % 2 == 0:
+        terms = (i * math.log(h) - math.lgamma(i + 1) - h for i in range(df // 2))
+        return min(1.0, sum(math.exp(t) for t in terms))
+    terms = ((i - 0.5) * math.log(h) - math.lgamma(i + 0.5) - h for i in range(1, (df + 1) // 2))
+    return min(1.0, math.erfc(math.sqrt(h)) + sum(math.exp(t) for t in terms))
+
+
+SRM_ALPHA = 0.001  # the usual sample-ratio-mismatch threshold: p below it flags a broken split
+
+
+@dataclass(frozen=True)
+class SRM:
+    observed: list[int]
+    expected: list[float]
+    chi2: float  # inf when a cell with zero expected count was observed
+    df: int
+    p_value: float
+    alpha: float
+    srm: bool  # p_value < alpha
+    min_expected: float | None  # below ~5 the chi-square approximation is rough
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if math.isinf(self.chi2):
+            d["chi2"] = None  # JSON has no infinity; p_value 0 says it
+        return d
+
+
+def srm_chi2(observed: Sequence[int], weights: Sequence[float], alpha: float = SRM_ALPHA) -> SRM:
+    """Sample-ratio-mismatch check: chi-square goodness of fit of the observed counts per
+    arm against the shares the weights ask for (df = cells with expected > 0, minus 1).
+
+    An arm with weight 0 that was observed anyway is a mismatch outright (chi2 inf, p 0).
+    No observations: p 1, no SRM."""
+    if len(observed) != len(weights):
+        raise ValueError(f"srm_chi2: {len(observed)} observed counts for {len(weights)} weights")
+    if any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError("srm_chi2: weights must be >= 0 and not all 0")
+    n = sum(observed)
+    total = float(sum(weights))
+    expected = [n * w / total for w in weights]
+    cells = [(o, e) for o, e in zip(observed, expected, strict=True) if e > 0]
+    live = [e for _, e in cells]
+    if n == 0 or len(cells) < 1:
+        return SRM(list(observed), expected, 0.0, max(len(cells) - 1, 0), 1.0, alpha, False, None)
+    if any(o > 0 and e == 0 for o, e in zip(observed, expected, strict=True)):
+        return SRM(list(observed), expected, math.inf, max(len(cells) - 1, 1), 0.0, alpha, True,
+                   min(live))
+    df = len(cells) - 1
+    if df == 0:  # one arm with all the weight, and everything in it
+        return SRM(list(observed), expected, 0.0, 0, 1.0, alpha, False, min(live))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    p = chi2_sf(stat, df)
+    return SRM(list(observed), expected, stat, df, p, alpha, p < alpha, min(live))
