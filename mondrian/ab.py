@@ -372,13 +372,14 @@ def format_report(report: dict) -> str:
         if e["srm"]:
             lines += ["", "Sample ratio (pinned requests excluded):", ""]
             for ch in e["srm"]:
+                rid = ch["routing_id"] or "(no routing_id)"
                 if ch.get("srm") is None:
-                    lines.append(f"- {ch['routing_id']}: {ch['note']}")
+                    lines.append(f"- {rid}: {ch['note']}")
                     continue
                 split = ", ".join(f"{a} {v['observed']} ({_pct(v['observed_share'])} vs "
                                   f"{_pct(v['expected_share'])})" for a, v in ch["arms"].items())
                 verdict = "SRM DETECTED" if ch["srm"] else "ok"
-                lines.append(f"- {ch['routing_id']}: {verdict}, p {_pval(ch['p_value'])}; "
+                lines.append(f"- {rid}: {verdict}, p {_pval(ch['p_value'])}; "
                              f"{split}; unit {ch['unit']}"
                              + (f"; {ch['note']}" if ch.get("note") else ""))
         lines += ["", "Rollback flags:" if e["flags"] else "Rollback flags: none"]

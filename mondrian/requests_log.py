@@ -12,7 +12,7 @@ than it must: `submit(row)` validates the row synchronously (a bad row raises Va
 naming the key and nothing is enqueued), enqueues it, and returns a Future. One writer
 thread owns the connection; it drains everything queued, inserts it with one
 `executemany` in one transaction (group commit), commits, and only then resolves those
-futures. The database is in WAL mode with `synchronous=NORMAL`: a committed row survives
+futures. The log belongs to one process: create it after any fork. The database is in WAL mode with `synchronous=NORMAL`: a committed row survives
 kill -9 of the process (not necessarily a power cut, which is not what we guard against).
 """
 
@@ -468,8 +468,11 @@ class RequestLog:
                         conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
-                for _, fut in live:
-                    fut.set_exception(exc)
+                for values, fut in live:
+                    if values is None:  # a flush() marker: the rows before it are settled
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(exc)
                 return
             self.commits += 1
             self.rows_written += len(rows) - len(failed)

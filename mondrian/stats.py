@@ -183,7 +183,8 @@ def wilson_interval(x: int, n: int, level: float = 0.95) -> tuple[float, float] 
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # At x = 0 (x = n) the bound is 0 (1) exactly; the formula leaves rounding dust.
+    return (0.0 if x == 0 else max(0.0, center - half)), (1.0 if x == n else min(1.0, center + half))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,402 @@
+"""The advisor service over real HTTP on 127.0.0.1: a `mondrian serve` process on a tiny llama
+with LoRA versions from a real registry, hot swaps under concurrent load, A/B routing, shadow,
+fallback, the requests table surviving kill -9, and 4xx on bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mondrian.registry import Registry
+from tests.helpers import ROOT, write_random_adapter
+
+ADV = "fit-query"
+TOKEN = "s3cret-token"
+QUESTIONS = ["wind sites over 100kw in kent", "solar in devon", "hydro schemes", "fit rate for fit id 12",
+             "compare wind and solar in wales", "micro chp under 5kw", "anaerobic digestion in essex",
+             "large solar farms in cornwall"]
+MAX_TOKENS = 8
+
+
+# ---- a server process and a small HTTP client
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    def call(self, method: str, path: str, body=None, token: str | None = None, raw: bytes | None = None,
+             headers: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def ask(self, text: str, **extra) -> tuple[int, dict]:
+        return self.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": text, **extra})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_server(tmp: Path, *args: str) -> Server:
+    ready = tmp / f"port-{time.monotonic_ns()}"
+    log = tmp / f"server-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "mondrian.cli", "serve", "--port", "0", "--ready-file", str(ready),
+           "--admin-token", TOKEN, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    deadline = time.time() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    time.sleep(0.05)
+    return Server(proc, f"http://127.0.0.1:{ready.read_text()}", log)
+
+
+# ---- fixtures: a registry with three versions, and what each version answers alone
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_llama) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    reg = Registry(root)
+    for seed in (1, 2, 3):  # v3 has another layout: a swap to it re-wraps the layers
+        lora = {"rank": 4 if seed < 3 else 8, "scale": 10.0, "dropout": 0.0}
+        src = write_random_adapter(root.parent / f"src{seed}", str(tiny_llama.path), seed=seed,
+                                   num_layers=2 if seed < 3 else 3, lora=lora, amplitude=0.2)
+        reg.publish(src, ADV, base_model="tiny:llama", base_model_fingerprint=tiny_llama.fingerprint)
+    reg.set_alias(ADV, "production", "v1")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(registry, tiny_llama) -> dict:
+    """version -> question -> the greedy answer of a fresh mlx_lm.load(base, adapter) alone: its
+    tokens from mlx-lm's stream_generate, decoded whole (the streaming detokenizer drops a
+    leading space that the tokens have)."""
+    from mlx_lm import load, stream_generate
+
+    from mondrian.contracts import get_advisor
+    from mondrian.generation import chat_prompt
+
+    system = get_advisor(ADV).system_prompt
+    out = {}
+    for version in (None, "v1", "v2", "v3"):
+        model, tok = load(str(tiny_llama.path), adapter_path=str(registry / ADV / version) if version else None)
+        out[version] = {}
+        for q in QUESTIONS:
+            prompt = chat_prompt(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}])
+            tokens = [r.token for r in stream_generate(model, tok, prompt, max_tokens=MAX_TOKENS)
+                      if r.token not in tok.eos_token_ids]
+            out[version][q] = tok.decode(tokens)
+    assert len({tuple(v.values()) for v in out.values()}) == 4  # every version answers differently
+    return out
+
+
+def write_routing(path: Path, **route) -> None:
+    base = {"model": "tiny:llama", "max_tokens": MAX_TOKENS, "fallback": "none", "sticky": "user",
+            "arms": [{"name": "control", "version": "production", "weight": 1}]}
+    path.write_text(yaml.safe_dump({"advisors": {ADV: base | route}}))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, registry):
+    tmp = tmp_path_factory.mktemp("served")
+    routing = tmp / "routing.yaml"
+    write_routing(routing, arms=[{"name": "control", "version": "production", "weight": 1},
+                                 {"name": "candidate", "version": "v3", "weight": 1}])
+    server = start_server(tmp, "--routing", str(routing), "--root", str(registry), "--db", str(tmp / "m.db"))
+    server.tmp, server.routing, server.db = tmp, routing, tmp / "m.db"
+    yield server
+    server.stop()
+
+
+def rows(db: Path, where: str = "1", args=()) -> list[dict]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT * FROM requests WHERE {where}", args)]
+    finally:
+        conn.close()
+
+
+# ---- the acceptance test: swaps every 50 ms under 8 concurrent clients
+
+
+def test_swaps_under_concurrent_load_never_mix_adapters(served, reference):
+    stop = threading.Event()
+    swaps = []
+
+    def swapper():
+        i = 0
+        while not stop.is_set():
+            target = ("v2", "v1")[i % 2]
+            status, body = served.call("POST", f"/admin/advisors/{ADV}/activate", {"version": target}, token=TOKEN)
+            assert status == 200, body
+            swaps.append(body["version"])
+            i += 1
+            time.sleep(0.05)
+
+    def client(n: int) -> tuple[int, dict, str]:
+        q = QUESTIONS[n % len(QUESTIONS)]
+        if n % 10 == 0:  # some clients pin a version, as advisor@version through the OpenAI route
+            status, body = served.call("POST", "/v1/chat/completions", {
+                "model": f"{ADV}@v2", "messages": [{"role": "user", "content": q}], "user": f"u{n}"})
+            return status, {"text": body.get("choices", [{}])[0].get("message", {}).get("content"),
+                            **body.get("mondrian", {}), "raw": body}, q
+        status, body = served.ask(q, user=f"user-{n % 37}")
+        return status, body, q
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(client, range(500)))
+    finally:
+        stop.set()
+        t.join()
+    failed = [(s, b) for s, b, _ in results if s != 200]
+    assert not failed, failed[:3]
+    assert len(swaps) >= 10 and {"v1", "v2"} <= set(swaps)
+    served_by = {}
+    for _, body, q in results:
+        version = body["version"]
+        served_by[version] = served_by.get(version, 0) + 1
+        assert body["text"] == reference[version][q], (version, q)  # exactly what that version says alone
+    assert {"v1", "v2", "v3"} <= set(served_by)  # both production targets and the candidate arm served
+    recorded = {r["request_id"]: r for r in rows(served.db)}
+    for _, body, _ in results:
+        assert recorded[body["request_id"]]["served_version"] == body["version"]
+    (model,) = served.call("GET", "/admin/state", token=TOKEN)[1]["models"].values()
+    assert model["swaps"] > 10
+
+
+def test_sticky_assignment_and_weights(served):
+    arms = {}
+    for user in ("alice", "bob", "carol", "dave"):
+        got = {served.ask("solar in devon", user=user)[1]["arm"] for _ in range(3)}
+        assert len(got) == 1  # the same user keeps one arm
+        arms[user] = got.pop()
+    from mondrian.routing import Plan, ResolvedArm
+
+    plan = Plan(ADV, (ResolvedArm("control", None, None, 1), ResolvedArm("candidate", None, None, 1)),
+                None, "user", "none", None, 8)
+    assert arms == {u: plan.assign(u).name for u in arms}  # the documented pure function
+    share = sum(plan.assign(f"user-{i}").name == "control" for i in range(4000)) / 4000
+    assert 0.47 < share < 0.53
+
+
+def test_openai_client_and_models(served, reference):
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=served.url + "/v1", api_key="unused")
+    ids = [m.id for m in client.models.list().data]
+    assert ADV in ids and f"{ADV}@v1" in ids and f"{ADV}@v3" in ids
+    r = client.chat.completions.create(model=f"{ADV}@v2", messages=[{"role": "user", "content": QUESTIONS[1]}])
+    assert r.model == f"{ADV}@v2" and r.choices[0].message.content == reference["v2"][QUESTIONS[1]]
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 10
+    with pytest.raises(NotFoundError, match="no version or alias 'v99'"):
+        client.chat.completions.create(model=f"{ADV}@v99", messages=[{"role": "user", "content": "hi"}])
+    assert served.call("GET", "/health")[1]["status"] == "ok"
+
+
+def oversized_headers_only(server: Server, length: int) -> tuple[int, dict]:
+    """Announce a huge body and send none of it: the service must refuse from the headers
+    alone (reading 9 MB first is what the limit is there to avoid)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/advisors/{ADV}/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {length}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_bad_input_gets_4xx_and_the_service_keeps_serving(served):
+    ok = served.ask("solar in devon")
+    assert ok[0] == 200
+    cases = [
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", raw=b"{not json"), 400, "not JSON"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", raw=b"[1, 2]"), 400, "JSON object"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": 5}), 400, "'text' must be str"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"question": "x"}), 400, "unknown field(s) question"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": "   "}), 400, "empty"),
+        (served.call("POST", "/v1/advisors/no-such/analyze", {"text": "x"}), 404, "not served here"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": "x", "version": "v42"}), 404, "v42"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": "x" * 5000}), 413, "limit"),
+        (oversized_headers_only(served, 9 << 20), 413, "limit"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": "x", "max_tokens": 0}), 400, "max_tokens"),
+        (served.call("POST", "/v1/chat/completions", {"model": ADV}), 400, "'messages' is required"),
+        (served.call("POST", "/v1/chat/completions", {"model": ADV, "messages": [{"role": "user", "content": "x"}],
+                                                      "stream": True}), 400, "stream"),
+        (served.call("POST", "/v1/chat/completions", {"model": "nope", "messages": []}), 404, "no such advisor"),
+        (served.call("GET", "/admin/state"), 401, "Bearer"),
+        (served.call("GET", "/admin/state", token="wrong"), 401, "Bearer"),
+        (served.call("POST", f"/admin/advisors/{ADV}/activate", {"version": "v2"}), 401, "Bearer"),
+    ]
+    for (status, body), want, text in cases:
+        assert status == want and text in body["error"]["message"], (want, text, status, body)
+    # a corrupt image in a multipart upload
+    boundary = "b0undary"
+    png_ish = b"\x89PNG\r\n\x1a\n" + os.urandom(200)
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nhello\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png_ish + f"\r\n--{boundary}--\r\n".encode()
+    status, body = served.call("POST", f"/v1/advisors/{ADV}/analyze", raw=form,
+                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 400 and "not a readable image" in body["error"]["message"]
+    assert served.ask("solar in devon")[0] == 200  # still serving
+
+
+def test_refused_versions_leave_the_old_one_serving(served, registry, tiny_llama, reference):
+    import mlx.core as mx
+
+    reg = Registry(registry)
+    # v4: NaN weights (checksums fine: published that way) -> the smoke generation refuses it
+    bad = write_random_adapter(served.tmp / "nan", str(tiny_llama.path), seed=9)
+    w = mx.load(str(bad / "adapters.safetensors"))
+    w = {k: (v * float("nan") if k.endswith("lora_b") else v) for k, v in w.items()}
+    mx.save_safetensors(str(bad / "adapters.safetensors"), w)
+    v4 = reg.publish(bad, ADV, base_model="tiny:llama", base_model_fingerprint=tiny_llama.fingerprint).version
+    # v5: one flipped byte after publishing -> verification refuses it
+    v5 = reg.publish(write_random_adapter(served.tmp / "flip", str(tiny_llama.path), seed=10), ADV,
+                     base_model="tiny:llama", base_model_fingerprint=tiny_llama.fingerprint)
+    target = v5.path / "adapters.safetensors"
+    target.chmod(0o644)
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert served.call("POST", f"/admin/advisors/{ADV}/activate", {"version": "v1"}, token=TOKEN)[0] == 200
+    status, body = served.call("POST", f"/admin/advisors/{ADV}/activate", {"version": v4}, token=TOKEN)
+    assert status == 409 and "not finite" in body["error"]["message"]
+    status, body = served.call("POST", f"/admin/advisors/{ADV}/activate", {"version": v5.version}, token=TOKEN)
+    assert status == 409 and "sha256" in body["error"]["message"]
+    assert reg.aliases(ADV)["production"] == "v1"  # the alias never moved
+    status, body = served.ask(QUESTIONS[0], version="production")
+    assert status == 200 and body["version"] == "v1" and body["text"] == reference["v1"][QUESTIONS[0]]
+    status, body = served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": "x", "version": v5.version})
+    assert status == 409 and "refused" in body["error"]["message"]
+
+
+def test_routing_reload_shadow_and_fallback_without_restart(served, reference):
+    before = served.call("GET", "/admin/state", token=TOKEN)[1]["advisors"][ADV]["routing_id"]
+    write_routing(served.routing, arms=[{"name": "control", "version": "v2", "weight": 1}],
+                  shadow="v3", fallback="production")
+    deadline = time.time() + 30
+    while served.call("GET", "/admin/state", token=TOKEN)[1]["advisors"][ADV]["routing_id"] == before:
+        assert time.time() < deadline, "the routing file change was not picked up"
+        time.sleep(0.1)
+    status, body = served.ask(QUESTIONS[2], user="zed")
+    assert status == 200 and body["arm"] == "control"
+    # random adapters never meet the contract: the fallback (production) answers, and it is recorded
+    row = rows(served.db, "request_id = ?", (body["request_id"],))[0]
+    assert row["contract_ok"] == 0 and row["fallback"] == "production" and row["fallback_reason"].startswith("contract")
+    assert row["assigned_version"] == "v2" and row["served_version"] == body["version"]
+    assert body["text"] == reference[body["version"]][QUESTIONS[2]]
+    deadline = time.time() + 30  # the shadow row is written off the request path
+    while not rows(served.db, "shadow_of = ?", (body["request_id"],)):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    shadow = rows(served.db, "shadow_of = ?", (body["request_id"],))[0]
+    assert shadow["assigned_version"] == "v3" and shadow["served_version"] == "v3" and shadow["status"] == 200
+    # a broken routing file is refused; the old plan keeps serving
+    served.routing.write_text("advisors: {fit-query: {arms: [{name: a, version: v77}]}}")
+    deadline = time.time() + 30
+    while served.call("GET", "/admin/state", token=TOKEN)[1]["last_reload"].get("ok") is not False:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert "v77" in served.call("GET", "/admin/state", token=TOKEN)[1]["last_reload"]["error"]
+    assert served.ask(QUESTIONS[2])[1]["arm"] == "control"
+
+
+def test_kill_9_under_load_loses_no_answered_row(tmp_path, registry):
+    db = tmp_path / "m.db"
+    server = start_server(tmp_path, "--advisor", ADV, "--root", str(registry), "--db", str(db))
+    answered: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                status, body = server.call("POST", f"/v1/advisors/{ADV}/analyze",
+                                           {"text": QUESTIONS[i % len(QUESTIONS)], "max_tokens": 4}, timeout=30)
+            except (urllib.error.URLError, ConnectionError, OSError):
+                return  # the server is gone
+            if status == 200:
+                with lock:
+                    answered.append(body["request_id"])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 120
+    while len(answered) < 40 and time.time() < deadline:
+        time.sleep(0.02)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(answered) >= 40
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    have = {r[0] for r in conn.execute("SELECT request_id FROM requests")}
+    assert set(answered) <= have, f"{len(set(answered) - have)} answered rows lost"
+
+
+def test_service_without_any_adapter(tmp_path, tiny_llama, reference):
+    server = start_server(tmp_path, "--advisor", ADV, "--model", "tiny:llama", "--root", str(tmp_path / "empty"),
+                          "--db", "")
+    try:
+        status, body = server.ask(QUESTIONS[3], max_tokens=MAX_TOKENS)
+        assert status == 200 and body["arm"] == "base" and body["version"] is None
+        assert body["text"] == reference[None][QUESTIONS[3]]
+    finally:
+        server.stop()
+
+
+def test_image_helper_accepts_real_images():
+    from PIL import Image
+
+    from mondrian.service import ServiceError, _image_sha256
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "PNG")
+    assert len(_image_sha256(buf.getvalue())) == 64
+    with pytest.raises(ServiceError, match="empty"):
+        _image_sha256(b"")
