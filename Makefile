@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo data train eval test lint bench clean
+.PHONY: setup demo data train train-full eval publish serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,9 @@ demo: setup
 
 # The demo workspace and its datasets (make demo builds them too).
 data: setup
-	test -f workspace/datasets/fit-query/train.jsonl || $(VENV)/bin/mondrian demo
+	test -f workspace/datasets/fit-query/train.jsonl || { $(VENV)/bin/mondrian demo-data workspace && \
+	    $(VENV)/bin/mondrian link -w workspace && \
+	    $(VENV)/bin/mondrian dataset -w workspace --advisor fit-query --model smollm2-135m; }
 
 # fit-query on SmolLM2-135M; each run gets its own folder (runs are resumable with --resume).
 train: data
@@ -31,10 +33,20 @@ train: data
 	    --adapter-path workspace/runs/fit-query-$$(date +%Y%m%d-%H%M%S)
 	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
 
+# The quality run for the issue-5 targets: all layers, attention + MLP, 600 steps (~1 h on 2 cores).
+train-full: data
+	$(VENV)/bin/mondrian train --config lora/configs/fit-query-full.yaml \
+	    --adapter-path workspace/runs/fit-query-full-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
+
 # Base vs the newest make-train adapter on the fit-query test split (report under workspace/evals/).
 eval: setup
-	$(VENV)/bin/mondrian eval --adapter $$(ls -d workspace/runs/fit-query-* | tail -1) \
+	$(VENV)/bin/mondrian eval --adapter $$(ls -td workspace/runs/fit-query-* | head -1) \
 	    --advisor fit-query --data workspace/datasets/fit-query --max-tokens 128
+
+# Serve fit-query (its production version, or the base model) on 127.0.0.1:8000, recording to workspace/mondrian.db.
+serve: setup
+	$(VENV)/bin/mondrian serve --advisor fit-query --model smollm2-135m --db workspace/mondrian.db
 
 test: setup
 	$(PY) -m pytest -q

@@ -13,8 +13,6 @@ import click
 
 from mondrian import blas
 
-DEMO_PROMPT = "What is the capital of France?"
-
 
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
@@ -457,15 +455,27 @@ def _version_line(v) -> str:
 @click.option("--model", "model_spec", help="Base model spec, when publishing a folder without --run.")
 @click.option("--metrics", "metrics_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON file of evaluation metrics for the card.")
+@click.option("--eval", "eval_dir", type=click.Path(exists=True, file_okay=False),
+              help="A `mondrian eval` output folder: its metrics.json goes on the card and its "
+                   "report.md (base vs adapter) into the version as eval_report.md.")
 @click.option("--parent", help="Parent version [what production points at].")
 @click.option("--alias", "alias", help="Point this alias (e.g. candidate) at the new version.")
 @ROOT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def adapters_publish(source: str | None, run_id: str | None, db_path: str, advisor: str | None,
-                     model_spec: str | None, metrics_file: str | None, parent: str | None,
-                     alias: str | None, root: str | None, as_json: bool) -> None:
+                     model_spec: str | None, metrics_file: str | None, eval_dir: str | None,
+                     parent: str | None, alias: str | None, root: str | None, as_json: bool) -> None:
     """Publish a training run (--run) or an adapter folder (SOURCE --advisor --model)."""
     reg = _registry(root)
+    extra = None
+    if eval_dir:
+        if metrics_file:
+            raise click.UsageError("give --eval or --metrics, not both")
+        metrics_file = str(Path(eval_dir) / "metrics.json")
+        extra = {"eval_report.md": Path(eval_dir) / "report.md"}
+        for p in (Path(metrics_file), extra["eval_report.md"]):
+            if not p.is_file():
+                _fail(FileNotFoundError(f"{eval_dir}: no {p.name} (a `mondrian eval` output folder?)"))
     metrics = json.loads(Path(metrics_file).read_text()) if metrics_file else None
     if run_id:
         store = _store(db_path)
@@ -473,13 +483,15 @@ def adapters_publish(source: str | None, run_id: str | None, db_path: str, advis
         store.close()
         if run is None:
             _fail(KeyError(f"no run '{run_id}' in {db_path}"))
-        version = _registry_call(reg.publish_run, run, advisor, metrics=metrics, parent=parent)
+        version = _registry_call(reg.publish_run, run, advisor, metrics=metrics, parent=parent,
+                                 extra_files=extra)
     else:
         if not (source and advisor and model_spec):
             raise click.UsageError("give --run RUN_ID, or SOURCE with --advisor and --model")
         card = _base(model_spec)
         version = _registry_call(reg.publish, source, advisor, base_model=model_spec,
-                                 base_model_fingerprint=card.fingerprint, metrics=metrics, parent=parent)
+                                 base_model_fingerprint=card.fingerprint, metrics=metrics, parent=parent,
+                                 extra_files=extra)
     if alias:
         _registry_call(reg.set_alias, version.advisor, alias, version.version)
         version = reg.show(version.advisor, version.version)
@@ -695,43 +707,32 @@ def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None, 
 @click.option("--model", "model_spec", default="smollm2-135m", show_default=True, help="Model spec.")
 @click.option("--workspace", "folder", default="workspace", show_default=True,
               type=click.Path(file_okay=False), help="Where the demo workspace is (re)built.")
-@click.option("--prompt", default=DEMO_PROMPT, show_default=True)
-def demo(model_spec: str, folder: str, prompt: str) -> None:
-    """The end-to-end demo on the embedded default model (grows with the pipeline)."""
-    from lora.dataset import build_dataset
-    from lora.demo_workspace import write_demo_workspace
-    from lora.link import link_workspace
-    from lora.models import ModelError, resolve
-    from mondrian.contracts import get_advisor
-    from mondrian.workspace import load_workspace
+@ROOT_OPTION
+@click.option("--iters", default=40, show_default=True, type=click.IntRange(1), help="Training steps.")
+@click.option("--eval-limit", default=48, show_default=True, type=click.IntRange(1), help="Test rows evaluated.")
+@click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(1),
+              help="A/B requests sent to the service.")
+@click.option("--max-seq-length", default=256, show_default=True, type=click.IntRange(16),
+              help="Training sequence limit (tiny models' tokenizers need more).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
+def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit: int, n_requests: int,
+         max_seq_length: int, as_json: bool) -> None:
+    """The whole pipeline on the embedded default: demo data -> link -> dataset -> train -> eval
+    -> publish -> serve -> A/B traffic -> report."""
+    from lora.demo import DemoOptions, run_demo
+    from lora.models import ModelError
+    from lora.train import TrainError
+    from mondrian.config import ConfigError
+    from mondrian.registry import RegistryError
 
-    def step(n: int, text: str) -> None:
-        click.echo(f"[{n}/5] {text}", err=True)
-
-    step(1, f"base model: {model_spec}")
+    opts = DemoOptions(model=model_spec, folder=folder, registry=root, iters=iters, eval_limit=eval_limit,
+                       requests=n_requests, max_seq_length=max_seq_length)
     try:
-        card = resolve(model_spec)
-    except ModelError as exc:
+        out = run_demo(opts, lambda line: click.echo(line, err=True))
+    except (ModelError, TrainError, ConfigError, RegistryError) as exc:
         _fail(exc)
-    click.echo(f"      {card.path} (fingerprint {card.fingerprint[:12]})", err=True)
-    step(2, f"demo workspace: {folder}")
-    info = write_demo_workspace(folder, overwrite=True)
-    click.echo(f"      {info['jobs']} jobs with realistic defects", err=True)
-    step(3, "link jobs -> manifest")
-    ws = load_workspace(folder)
-    summary = link_workspace(ws, progress=False)
-    click.echo(f"      {summary.line()}", err=True)
-    step(4, "dataset fit-query -> train/valid/test")
-    report = build_dataset(Path(ws.root) / "manifest", get_advisor("fit-query"),
-                           Path(ws.root) / "datasets" / "fit-query", data_root=ws.data_path,
-                           tokenizer_path=card.path, max_seq_length=256)
-    counts = report.counts
-    click.echo(f"      train {counts['train']}, valid {counts['valid']}, test {counts['test']}; "
-               f"leakage check {'ok' if report.leakage.ok else 'FAILED'}", err=True)
-    step(5, f"asking the base model: {prompt}")
-    result = _generate(card.path, prompt, None, None, 60)
-    click.echo(result["answer"])
-
+    if as_json:
+        _echo_json(out)
 
 # ---------------------------------------------------------------------------------------------
 # serve and the service's admin client

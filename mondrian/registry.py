@@ -553,12 +553,15 @@ class Registry:
                 base_model_fingerprint: str, dataset_fingerprint: str | None = None,
                 run_id: str | None = None, config: dict | None = None,
                 metrics: dict | None = None, parent: str | None = None,
+                extra_files: dict[str, str | Path] | None = None,
                 _origin: str = "publish") -> Version:
         """Copy an adapter folder into the advisor's next version, atomically.
 
         Copied: the top-level files of `source_dir` (not checkpoints/, best/, last/, hidden
-        files, mlx-lm's NNN_adapters.safetensors checkpoints, or a card.json). `config`
-        defaults to the adapter_config.json; `parent` to what `production` points at now.
+        files, mlx-lm's NNN_adapters.safetensors checkpoints, or a card.json), plus
+        `extra_files` (name in the version -> file; e.g. the evaluation report), all under the
+        card's checksums. `config` defaults to the adapter_config.json; `parent` to what
+        `production` points at now.
         """
         src = Path(source_dir)
         if not isinstance(base_model_fingerprint, str) or not FINGERPRINT_RE.fullmatch(base_model_fingerprint):
@@ -571,9 +574,15 @@ class Registry:
                                            allow_nan=False, default=str))
         except (TypeError, ValueError) as exc:
             raise RegistryError(f"metrics / config must be JSON (finite numbers): {exc}") from exc
-        sources = sorted(p for p in src.iterdir()
-                         if p.is_file() and not p.name.startswith(".") and p.name != CARD
-                         and not MLX_LM_CHECKPOINT_RE.fullmatch(p.name))
+        sources = {p.name: p for p in sorted(src.iterdir())
+                   if p.is_file() and not p.name.startswith(".") and p.name != CARD
+                   and not MLX_LM_CHECKPOINT_RE.fullmatch(p.name)}
+        for name, path in (extra_files or {}).items():
+            if "/" in name or name.startswith(".") or name == CARD or name in sources:
+                raise RegistryError(f"extra file name {name!r} is not a plain new file name in the version")
+            if not Path(path).is_file():
+                raise RegistryError(f"extra file {path}: no such file")
+            sources[name] = Path(path)
 
         with self._lock(advisor) as adir:
             for old in adir.glob(TEMP_PREFIX + "*"):
@@ -590,7 +599,7 @@ class Registry:
                 self._require_version(advisor, parent)
             tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{version}-", dir=adir))
             try:
-                files = {p.name: _copy_hashed(p, tmp / p.name) for p in sources}
+                files = {name: _copy_hashed(p, tmp / name) for name, p in sorted(sources.items())}
                 check_adapter(tmp)  # what was copied is what was checked
                 data = Card(advisor=advisor, version=version, created_at=_now(), base_model=base_model,
                             base_model_fingerprint=base_model_fingerprint,
@@ -618,7 +627,7 @@ class Registry:
         return self.show(advisor, version)
 
     def publish_run(self, run: dict, advisor: str | None = None, *, metrics: dict | None = None,
-                    parent: str | None = None) -> Version:
+                    parent: str | None = None, extra_files: dict[str, str | Path] | None = None) -> Version:
         """Publish a training run's adapter (its runs row: adapter_path, fingerprints, config)."""
         advisor = advisor or run.get("advisor")
         if not advisor:
@@ -626,7 +635,7 @@ class Registry:
         if not run.get("adapter_path"):
             raise RegistryError(f"run {run.get('run_id')} has no adapter_path")
         return self.publish(run["adapter_path"], advisor, metrics=metrics, parent=parent,
-                            **run_fields(run))
+                            extra_files=extra_files, **run_fields(run))
 
     def import_adapter(self, source_dir: str | Path, advisor: str, *, base_model: str,
                        base_model_fingerprint: str, dataset_fingerprint: str | None = None,
