@@ -28,11 +28,11 @@ class DemoOptions:
     model: str = "smollm2-135m"
     folder: str = "workspace"
     registry: str | None = None  # registry root [$MONDRIAN_ADAPTERS or ./adapters]
-    iters: int = 40
-    eval_limit: int = 48
-    requests: int = 64
+    iters: int = 30
+    eval_limit: int = 32
+    requests: int = 48
     clients: int = 4
-    max_tokens: int = 96
+    max_tokens: int = 64
     max_seq_length: int = 256
 
 

@@ -708,9 +708,9 @@ def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None, 
 @click.option("--workspace", "folder", default="workspace", show_default=True,
               type=click.Path(file_okay=False), help="Where the demo workspace is (re)built.")
 @ROOT_OPTION
-@click.option("--iters", default=40, show_default=True, type=click.IntRange(1), help="Training steps.")
-@click.option("--eval-limit", default=48, show_default=True, type=click.IntRange(1), help="Test rows evaluated.")
-@click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(1),
+@click.option("--iters", default=30, show_default=True, type=click.IntRange(1), help="Training steps.")
+@click.option("--eval-limit", default=32, show_default=True, type=click.IntRange(1), help="Test rows evaluated.")
+@click.option("--requests", "n_requests", default=48, show_default=True, type=click.IntRange(1),
               help="A/B requests sent to the service.")
 @click.option("--max-seq-length", default=256, show_default=True, type=click.IntRange(16),
               help="Training sequence limit (tiny models' tokenizers need more).")
