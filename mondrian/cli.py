@@ -441,7 +441,12 @@ def _registry_call(fn, *args, **kwargs):
 def _version_line(v) -> str:
     card = v.card
     metrics = card.metrics if card else {}
-    head = ", ".join(f"{k} {metrics[k]}" for k in list(metrics)[:3]) if metrics else ""
+    adapter = metrics.get("adapter") if isinstance(metrics.get("adapter"), dict) else None
+    if adapter:  # a `mondrian eval` metrics.json: the adapter arm's headline numbers
+        head = ", ".join(f"{k.replace('_', ' ')} {adapter[k]:.1%}" for k in ("compliance", "exact_match")
+                         if isinstance(adapter.get(k), (int, float)))
+    else:
+        head = ", ".join(f"{k} {metrics[k]}" for k in list(metrics)[:3] if not isinstance(metrics[k], dict))
     aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
     base = f"{card.base_model} {card.base_model_fingerprint[:12]}" if card else f"ERROR {v.error}"
     return f"{v.advisor:14} {v.version:5}{aliases:14} {card.created_at if card else '':21} {base}  {head}"
@@ -697,7 +702,7 @@ def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None, 
         return
     click.echo(f"eval run {report.run_id}: {summary['rows']} rows; report {report.out_dir}/report.md")
     for arm, m in summary.items():
-        if isinstance(m, dict):
+        if isinstance(m, dict) and "parse_rate" in m:  # arms; the "_vs_" entries are comparisons
             click.echo(f"  {arm:20} parse {m['parse_rate']:.1%}  compliance {m['compliance']:.1%}  "
                        f"exact {m['exact_match']:.1%}  fields {m['field_accuracy']:.1%}"
                        + (f"  critical {m['critical_passed']}/3" if "critical_passed" in m else ""))

@@ -11,7 +11,20 @@ COMMANDS = [[], ["info"], ["models"], ["models", "import"], ["models", "list"], 
             ["generate"], ["demo"], ["demo-data"], ["link"], ["dataset"], ["train"], ["runs"],
             ["runs", "list"], ["runs", "show"], ["adapters"], ["adapters", "publish"],
             ["adapters", "import"], ["adapters", "list"], ["adapters", "show"], ["adapters", "verify"],
-            ["adapters", "alias"], ["adapters", "rollback"], ["adapters", "export"]]
+            ["adapters", "alias"], ["adapters", "rollback"], ["adapters", "export"], ["eval"],
+            ["serve"], ["service"], ["service", "state"], ["service", "load"], ["service", "activate"],
+            ["service", "rollback"], ["service", "reload"], ["ab"], ["ab", "report"]]
+
+
+def test_service_client_says_when_the_service_is_unreachable():
+    res = CliRunner().invoke(cli, ["service", "state", "--url", "http://127.0.0.1:9"])
+    assert res.exit_code != 0 and "cannot reach the service at http://127.0.0.1:9" in res.output
+
+
+def test_serve_refuses_an_unknown_advisor(tmp_path):
+    res = CliRunner().invoke(cli, ["serve", "--advisor", "nope", "--model", "tiny:llama", "--db", "",
+                                   "--root", str(tmp_path)])
+    assert res.exit_code != 0 and "unknown advisor 'nope'" in res.output
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "mondrian")
