@@ -58,6 +58,7 @@ bench: setup
 	$(PY) scripts/bench_blas.py
 	$(PY) scripts/bench_link.py
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_service.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

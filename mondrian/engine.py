@@ -112,6 +112,7 @@ class ModelWorker:
         self.versions: dict[tuple[str, str], LoadedVersion] = {}
         self.active: tuple[str, str] | None = None
         self.layout: LoraLayout | None = None
+        self._lora_cache: list | None = None
         self.swaps = 0
         self.batches = 0
         self._queue: queue.Queue = queue.Queue()
@@ -154,6 +155,8 @@ class ModelWorker:
         return chat_prompt(self.tokenizer, messages)
 
     def close(self) -> None:
+        if self._stop:
+            return
         self._stop = True
         self._queue.put(None)
         self._thread.join(timeout=30)
@@ -229,7 +232,10 @@ class ModelWorker:
     # ---- LoRA slots (worker thread only)
 
     def _lora_modules(self) -> list:
-        return [m for _, m in self.model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+        """The installed LoRA layers (cached per layout: walking the module tree is most of a swap)."""
+        if self._lora_cache is None:
+            self._lora_cache = [m for _, m in self.model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+        return self._lora_cache
 
     def _install(self, layout: LoraLayout) -> None:
         """Wrap the base Linear layers for `layout` (unwrapping a previous layout first)."""
@@ -248,6 +254,7 @@ class ModelWorker:
         if n > len(layers):
             raise EngineError(f"the adapter wants LoRA on {n} layers; the model has {len(layers)}")
         linear_to_lora_layers(self.model, n, params)
+        self._lora_cache = None
         self.model.eval()  # new Dropout modules start in training mode
         self.layout = layout
         self._expected = {k: v.shape for k, v in _flat(self.model.trainable_parameters())}

@@ -117,6 +117,8 @@ class Service:
             self._watcher.start()
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         for w in self.workers.values():
             w.close()
@@ -417,7 +419,14 @@ def _image_sha256(data: bytes, limit_pixels: int = 40_000_000) -> str:
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="mondrian advisor service")
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        service.close()  # uvicorn re-raises SIGTERM after shutdown: close here, not after run()
+
+    app = FastAPI(title="mondrian advisor service", lifespan=lifespan)
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         # OpenAI's error shape, so the openai client raises a typed error with our message
