@@ -48,7 +48,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
     from mondrian.jsonl import read_jsonl
     from mondrian.registry import Registry
     from mondrian.routing import AdvisorRoute, Arm
+    from mondrian.runs import RunStore
     from mondrian.service import Service, ServiceConfig, run_server
+    from mondrian.workspace import load_workspace
 
     total = 9
     step = iter(range(1, total + 1))
@@ -66,8 +68,6 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
     say(f"      {info['jobs']} jobs with realistic defects")
 
     head("link jobs -> manifest")
-    from mondrian.workspace import load_workspace
-
     ws = load_workspace(root)
     say(f"      {link_workspace(ws, progress=False).line()}")
 
@@ -105,8 +105,6 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
     head("publish")
     reg = Registry(opts.registry)
     previous = reg.aliases(ADVISOR).get("production") if ADVISOR in reg.advisors() else None
-    from mondrian.runs import RunStore
-
     store = RunStore(db)
     run = store.get(result.run_id)
     store.close()

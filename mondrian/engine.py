@@ -208,7 +208,8 @@ class ModelWorker:
         """Decode the oldest request's version group (up to max_batch); return the rest."""
         key = pending[0].key
         group = [j for j in pending if j.key == key][: self.max_batch]
-        rest = [j for j in pending if not any(j is g for g in group)]
+        taken = {id(j) for j in group}
+        rest = [j for j in pending if id(j) not in taken]
         group = [j for j in group if j.future.set_running_or_notify_cancel()]
         if not group:
             return rest
@@ -259,8 +260,10 @@ class ModelWorker:
         self.layout = layout
         self._expected = {k: v.shape for k, v in _flat(self.model.trainable_parameters())}
 
-    def _activate(self, key: tuple[str, str] | None) -> None:
-        if key == self.active:
+    def _activate(self, key: tuple[str, str] | None, force: bool = False) -> None:
+        """Put `key`'s weights and scale in (None: the base model, scale 0). `force` re-applies
+        the active key too (its weights may just have been reloaded or re-wrapped)."""
+        if key == self.active and not force:
             return
         if key is None:
             for m in self._lora_modules():
@@ -306,8 +309,7 @@ class ModelWorker:
                                       f"LoRA layers with no tensor: {', '.join(missing[:3])}" if missing else ""])))
             loaded = LoadedVersion(advisor, version, path, layout, scale, list(arrays.items()))
             self.versions[(advisor, version)] = loaded
-            self.active = ("", "")  # force the swap, also when reloading the active version
-            self._activate((advisor, version))
+            self._activate((advisor, version), force=True)
             loaded.smoke = self._smoke(where)
         except BaseException:
             self.versions.pop((advisor, version), None)
@@ -320,13 +322,12 @@ class ModelWorker:
         return loaded
 
     def _restore(self, key: tuple[str, str] | None, layout: LoraLayout | None) -> None:
-        self.active = ("", "")
         if key is not None and key in self.versions:
-            self._activate(key)
+            self._activate(key, force=True)
         else:
             if layout is not None and layout != self.layout:
                 self._install(layout)
-            self._activate(None)
+            self._activate(None, force=True)
 
     def _smoke(self, where: str) -> str:
         """A forward pass with finite logits and a few generated tokens."""

@@ -84,7 +84,8 @@ class Service:
     def __init__(self, cfg: ServiceConfig, resolve_model: ModelResolver, advisors: dict[str, Advisor]):
         self.cfg, self.resolve_model, self.contracts = cfg, resolve_model, advisors
         self.registry = Registry(cfg.registry_root)
-        self.workers: dict[str, ModelWorker] = {}
+        self.workers: dict[str, ModelWorker] = {}  # by base-model fingerprint
+        self._spec_workers: dict[str, ModelWorker] = {}
         self.served: dict[str, Served] = {}
         self.routing = RoutingConfig()
         self.routing_mtime: float | None = None
@@ -134,9 +135,11 @@ class Service:
         route = self.routing.advisors.get(advisor)
         if route is not None:
             return route
-        aliases = self.registry.aliases(advisor) if advisor in self.registry.advisors() else {}
-        arm = Arm("production", "production") if "production" in aliases else Arm("base", None)
+        arm = Arm("production", "production") if self._production(advisor) else Arm("base", None)
         return AdvisorRoute(arms=[arm])
+
+    def _production(self, advisor: str) -> str | None:
+        return self.registry.aliases(advisor).get("production")  # {} for an advisor with no versions
 
     def _ref(self, advisor: str, ref: str | None) -> str | None:
         if ref is None:
@@ -147,12 +150,17 @@ class Service:
             raise ServiceError(404, f"{advisor}: no version or alias {ref!r} ({exc})") from None
 
     def _worker(self, spec: str) -> ModelWorker:
-        name, path, fingerprint = self.resolve_model(spec)
-        worker = self.workers.get(fingerprint)
+        """The worker for a model spec: resolved once per spec (a folder without a card is hashed
+        to resolve, and plans are re-made on every activate), one worker per fingerprint."""
+        worker = self._spec_workers.get(spec)
         if worker is None:
-            worker = ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch)
-            worker.wait_ready(600)
-            self.workers[fingerprint] = worker
+            name, path, fingerprint = self.resolve_model(spec)
+            worker = self.workers.get(fingerprint)
+            if worker is None:
+                worker = ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch)
+                worker.wait_ready(600)
+                self.workers[fingerprint] = worker
+            self._spec_workers[spec] = worker
         return worker
 
     def ensure_loaded(self, advisor: str, version: str, worker: ModelWorker) -> None:
@@ -180,7 +188,7 @@ class Service:
             arms = tuple(ResolvedArm(a.name, a.version, self._ref(advisor, a.version), a.weight) for a in route.arms)
             if not arms:
                 raise ServiceError(400, f"{advisor}: the route has no arms")
-            production = self.registry.aliases(advisor).get("production") if advisor in self.registry.advisors() else None
+            production = self._production(advisor)
             fallback_version = {"production": production, "base": None, "none": None}[route.fallback]
             spec = route.model or self.cfg.model
             if spec is None:
@@ -306,16 +314,15 @@ class Service:
         if max_tokens is not None and (not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096):
             raise ServiceError(400, f"max_tokens {max_tokens!r} must be an integer in 1..4096")
         plan, worker, contract = served.plan, served.worker, served.advisor
+        raw_key = {"user": user, "image": image_sha256}.get(plan.sticky)
+        sticky_key = hashlib.sha256(raw_key.encode()).hexdigest() if raw_key and plan.sticky == "user" else raw_key
         if pin is not None:
             version = self._ref(advisor, None if pin == "base" else pin)
             if version:
                 await asyncio.to_thread(self.ensure_loaded, advisor, version, worker)
             arm = ResolvedArm("pinned", pin, version, 0.0)
         else:
-            raw_key = user if plan.sticky == "user" else image_sha256 if plan.sticky == "image" else None
             arm = plan.assign(raw_key)
-        sticky_key = hashlib.sha256(user.encode()).hexdigest() if (user and plan.sticky == "user") else \
-            image_sha256 if plan.sticky == "image" else None
         messages = [{"role": "system", "content": contract.system_prompt}, {"role": "user", "content": text}]
         prompt = worker.prompt_tokens(messages)
         if len(prompt) > self.cfg.max_prompt_tokens:
@@ -498,7 +505,6 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/advisors/{advisor}/analyze")
     async def analyze(advisor: str, request: Request):
-        image_sha = None
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             try:
@@ -508,7 +514,7 @@ def create_app(service: Service) -> FastAPI:
             text, user = form.get("text"), form.get("user")
             upload = form.get("image")
             if upload is not None and hasattr(upload, "read"):
-                image_sha = _image_sha256(await upload.read())
+                _image_sha256(await upload.read())  # corrupt bytes get their own 400 first
                 raise ServiceError(400, f"advisor {advisor} takes text; send the question as 'text', not an image")
             if not isinstance(text, str):
                 raise ServiceError(400, "field 'text' is required (a form field)")
@@ -524,7 +530,7 @@ def create_app(service: Service) -> FastAPI:
             pin = field(data, "version", str)
             return await service.answer(advisor, text, user=user, max_tokens=max_tokens, pin=pin)
         return await service.answer(advisor, text, user=user if isinstance(user, str) else None,
-                                    max_tokens=max_tokens, image_sha256=image_sha)
+                                    max_tokens=max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -37,14 +37,10 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +49,9 @@ import mondrian  # first: preloads OpenBLAS before anything imports mlx.core
 ROOT = Path(__file__).resolve().parent.parent
 ADV = "fit-query"
 TOKEN = "bench-token"
+sys.path.insert(0, str(ROOT))  # tests.helpers: the adapter writer and the server process the tests use
+from tests.helpers import ServeProcess, write_random_adapter  # noqa: E402
+
 TARGETS = {"swap_ratio_min": 100.0, "throughput_ratio_min": 0.8, "recording_ratio_max": 1.02}
 # adapter layout per model: lora/configs/fit-query.yaml on smollm2, the tests' layout on tiny
 LAYOUTS = {"smollm2-135m": {"num_layers": 16, "lora": {"rank": 8, "scale": 20.0, "dropout": 0.0}},
@@ -78,11 +77,9 @@ def machine() -> dict:
 
 def make_registry(card, spec: str, tmp: Path, adapter: str | None) -> tuple[Path, dict]:
     """Publish v1 and v2 for `card` into a fresh registry; production -> v1."""
-    sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
     from mondrian.registry import Registry
-    from tests.helpers import write_random_adapter
 
     layout = LAYOUTS.get(spec, LAYOUTS["smollm2-135m"])
     if adapter:
@@ -205,38 +202,17 @@ def bench_swap(card, reg_root: Path, prompt_msgs: list[dict], rounds: int, swaps
 # servers
 
 
-class Server:
-    """A `mondrian serve` subprocess; `wait=False` starts it and returns (then `ready()`)."""
+class Server(ServeProcess):
+    """A `mondrian serve` subprocess; HTTP errors raise (a benchmark wants answers only)."""
 
     def __init__(self, tmp: Path, name: str, *args: str, wait: bool = True):
-        self.name, self.ready_file, self.log = name, tmp / f"{name}.port", tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", "mondrian.cli", "serve", "--port", "0", "--ready-file", str(self.ready_file),
-               "--admin-token", TOKEN, *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        if wait:
-            self.ready()
-
-    def ready(self) -> Server:
-        deadline = time.time() + 600
-        while not self.ready_file.exists() or not self.ready_file.read_text():
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"server {self.name} did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.ready_file.read_text()}"
-        return self
+        super().__init__(tmp, *args, name=name, token=TOKEN, wait=wait)
 
     def call(self, method: str, path: str, body=None, token: bool = False, timeout: float = 600) -> dict:
-        req = urllib.request.Request(self.url + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
-        req.add_header("Content-Type", "application/json")
-        if token:
-            req.add_header("Authorization", f"Bearer {TOKEN}")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{method} {path}: {exc.code} {exc.read()[:500]!r}") from None
+        status, out = super().call(method, path, body, token=TOKEN if token else None, timeout=timeout)
+        if status >= 400:
+            raise RuntimeError(f"{method} {path}: {status} {str(out)[:500]}")
+        return out
 
     def ask(self, text: str, user: str | None, max_tokens: int) -> dict:
         return self.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": text, "user": user, "max_tokens": max_tokens})
@@ -244,14 +220,6 @@ class Server:
     def model_state(self) -> dict:
         (state,) = self.call("GET", "/admin/state", token=True)["models"].values()
         return state
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def write_routing(path: Path, spec: str, max_tokens: int, arms: list[dict]) -> None:

@@ -57,3 +57,65 @@ def write_random_adapter(folder: Path, base_path: str, seed: int = 0, num_layers
               "lora_parameters": lora}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+class ServeProcess:
+    """A real `mondrian serve` subprocess on 127.0.0.1 (any free port), for tests and benchmarks.
+    `wait=False` returns once it is started; `ready()` then waits for its port."""
+
+    def __init__(self, tmp: Path, *args: str, name: str = "server", token: str | None = None,
+                 wait: bool = True, timeout: float = 600):
+        import subprocess
+        import time
+
+        stamp = f"{name}-{time.monotonic_ns()}"
+        self.ready_file, self.log, self.token, self.timeout = tmp / f"{stamp}.port", tmp / f"{stamp}.log", token, timeout
+        cmd = [sys.executable, "-m", "mondrian.cli", "serve", "--port", "0", "--ready-file", str(self.ready_file),
+               *(["--admin-token", token] if token else []), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     env=dict(os.environ))
+        if wait:
+            self.ready()
+
+    def ready(self) -> "ServeProcess":
+        import time
+
+        deadline = time.time() + self.timeout
+        while not self.ready_file.exists() or not self.ready_file.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.ready_file.read_text()}"
+        return self
+
+    def call(self, method: str, path: str, body=None, token: str | None = None, raw: bytes | None = None,
+             headers: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+        """(HTTP status, JSON body); 4xx/5xx are returned, not raised."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +20,7 @@ import pytest
 import yaml
 
 from mondrian.registry import Registry
-from tests.helpers import ROOT, write_random_adapter
+from tests.helpers import ServeProcess, write_random_adapter
 
 ADV = "fit-query"
 TOKEN = "s3cret-token"
@@ -35,51 +33,13 @@ MAX_TOKENS = 8
 # ---- a server process and a small HTTP client
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
-
-    def call(self, method: str, path: str, body=None, token: str | None = None, raw: bytes | None = None,
-             headers: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
+class Server(ServeProcess):
     def ask(self, text: str, **extra) -> tuple[int, dict]:
         return self.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": text, **extra})
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
 
 def start_server(tmp: Path, *args: str) -> Server:
-    ready = tmp / f"port-{time.monotonic_ns()}"
-    log = tmp / f"server-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "mondrian.cli", "serve", "--port", "0", "--ready-file", str(ready),
-           "--admin-token", TOKEN, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ))
-    deadline = time.time() + 120
-    while not ready.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    time.sleep(0.05)
-    return Server(proc, f"http://127.0.0.1:{ready.read_text()}", log)
+    return Server(tmp, *args, token=TOKEN, timeout=120)
 
 
 # ---- fixtures: a registry with three versions, and what each version answers alone
