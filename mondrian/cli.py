@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -756,11 +757,15 @@ def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit:
 @click.option("--port", default=8000, show_default=True, type=int, help="0 = any free port.")
 @click.option("--admin-token", envvar="MONDRIAN_ADMIN_TOKEN", help="Bearer token for /admin "
               "[$MONDRIAN_ADMIN_TOKEN]; without one the admin endpoints are off.")
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Requests decoded together.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded together.")
+@click.option("--max-wait-ms", default=500.0, show_default=True, type=click.FloatRange(min=0), help="How long a request for "
+              "another version waits before the running batch stops taking new requests (then drains and "
+              "that version is swapped in).")
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write the port here once listening.")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None, db_path: str,
           root: str | None, host: str, port: int, admin_token: str | None, max_batch: int,
-          ready_file: str | None) -> None:
+          max_wait_ms: float, ready_file: str | None) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     from mondrian.config import ConfigError
     from mondrian.contracts import load_advisors
@@ -771,7 +776,8 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
         return card.name, card.path, card.fingerprint
 
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
-                        advisors=list(advisors), model=model_spec, admin_token=admin_token, max_batch=max_batch)
+                        advisors=list(advisors), model=model_spec, admin_token=admin_token, max_batch=max_batch,
+                        max_wait_ms=max_wait_ms)
     service = Service(cfg, resolve_model, load_advisors())
     try:
         service.start()
@@ -790,7 +796,13 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
         if ready_file:
             Path(ready_file).write_text(str(bound))
 
-    run_server(service, host, port, ready=ready)
+    run_server(service, host, port, ready=ready)  # returns on SIGINT/SIGTERM, the requests log flushed
+    click.echo("stopped", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: MLX state left by the model threads can abort the process
+    # ("terminate called without an active exception", exit 134) while Python finalizes.
+    os._exit(0)
 
 
 def _admin_call(url: str, token: str | None, method: str, path: str, body: dict | None = None) -> dict:

@@ -2,11 +2,14 @@
 
 A `ModelWorker` owns one base model (loaded once, in its own thread: MLX streams belong to the
 thread that made them) and every LoRA version loaded for it. Requests reach it through a
-queue; it takes the oldest waiting request, batches it with the other requests waiting for
-the same version, activates that version and decodes the batch (greedy, batched through
-mlx-lm's `BatchGenerator`, see `mondrian.generation`). A swap therefore only ever happens
-between batches, never inside a generation, and every answer carries the version that was
-active while it was decoded: the service records that, not what it asked for.
+queue. The worker activates the version of the oldest waiting request and opens a batch for
+it (greedy, mlx-lm's `BatchGenerator` through `mondrian.generation.Decoder`); requests for
+that version join the running batch between decode steps as they arrive (continuous
+batching) until one for another version has waited `max_wait_s`; then the batch drains and
+the next version is swapped in. A swap therefore only ever happens between batches, never
+inside a generation, and every answer carries the version that was active while it was
+decoded: the service records that, not what it asked for. Controls (loading a version,
+`call`) also wait for the running batch to drain.
 
 A swap is `model.load_weights(pairs, strict=False)` plus each LoRA layer's `scale`: the base
 weights never move. Versions whose LoRA layout differs (rank, keys, layers) re-wrap the base
@@ -27,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mondrian.generation import Generation, chat_prompt, generate_batch
+from mondrian.generation import Decoder, Generation, chat_prompt, generate_batch
 
 SMOKE_PROMPT = [{"role": "user", "content": "hello"}]
 
@@ -78,6 +81,7 @@ class _Job:
     processor: Callable | None
     future: Future
     enqueued: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
 
 
 @dataclass
@@ -106,15 +110,17 @@ class ModelWorker:
     """One base model and its LoRA versions, owned by one thread."""
 
     def __init__(self, name: str, path: str | Path, fingerprint: str, *, max_batch: int = 8,
-                 max_versions: int = 8):
+                 max_versions: int = 8, max_wait_s: float = 0.5):
         self.name, self.path, self.fingerprint = name, Path(path), fingerprint
-        self.max_batch, self.max_versions = max_batch, max_versions
+        self.max_batch, self.max_versions, self.max_wait_s = max_batch, max_versions, max_wait_s
         self.versions: dict[tuple[str, str], LoadedVersion] = {}
         self.active: tuple[str, str] | None = None
         self.layout: LoraLayout | None = None
         self._lora_cache: list | None = None
         self.swaps = 0
-        self.batches = 0
+        self.batches = 0  # batches opened: runs of one version (requests join them as they arrive)
+        self.steps = 0  # decode steps, and rows decoded summed over them (finished batches)
+        self.row_steps = 0
         self._queue: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -175,13 +181,16 @@ class ModelWorker:
             return
         self._ready.set()
         pending: list[_Job] = []
+        controls: list[_Control] = []
+        dec: Decoder | None = None
         while not self._stop:
+            busy = bool(pending or controls or dec)
             try:
-                item = self._queue.get(timeout=0.05) if not pending else self._queue.get_nowait()
+                item = self._queue.get_nowait() if busy else self._queue.get(timeout=0.05)
             except queue.Empty:
                 item = False
             items = [] if item is False else [item]
-            while True:  # drain what has arrived: controls run now, jobs wait for a batch
+            while True:  # drain what has arrived
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -190,13 +199,27 @@ class ModelWorker:
                 if it is None:
                     self._stop = True
                 elif isinstance(it, _Control):
-                    self._control(it)
+                    controls.append(it)
                 else:
                     pending.append(it)
-            if pending and not self._stop:
-                pending = self._batch(pending)
-        for job in pending:
-            job.future.set_exception(EngineError(f"model {self.name}: the service is shutting down"))
+            if self._stop:
+                break
+            if dec is not None and not len(dec):
+                dec = self._finish(dec)
+            if dec is None:  # between batches: controls (loads, swaps) run now, then the next version
+                for c in controls:
+                    self._control(c)
+                controls = []
+                if pending:
+                    dec, pending = self._start(pending)
+            if dec is not None:
+                pending = self._admit(dec, pending, closed=bool(controls))
+                self._step(dec)
+        gone = EngineError(f"model {self.name}: the service is shutting down")
+        for f in [j.future for j in pending] + [c.future for c in controls] + \
+                 ([j.future for j in dec.tags()] if dec is not None else []):
+            if not f.done():
+                f.set_exception(gone)
 
     def _control(self, item: _Control) -> None:
         try:
@@ -204,31 +227,55 @@ class ModelWorker:
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             item.future.set_exception(exc)
 
-    def _batch(self, pending: list[_Job]) -> list[_Job]:
-        """Decode the oldest request's version group (up to max_batch); return the rest."""
+    def _start(self, pending: list[_Job]) -> tuple[Decoder | None, list[_Job]]:
+        """Activate the oldest request's version and open a batch for it (its requests join
+        in `_admit`). A version that cannot be activated fails its requests."""
         key = pending[0].key
-        group = [j for j in pending if j.key == key][: self.max_batch]
-        taken = {id(j) for j in group}
-        rest = [j for j in pending if id(j) not in taken]
-        group = [j for j in group if j.future.set_running_or_notify_cancel()]
-        if not group:
-            return rest
         try:
             self._activate(key)
-            t0 = time.perf_counter()
-            procs = [j.processor for j in group]
-            gens, _ = generate_batch(self.model, self.tokenizer, [j.prompt for j in group],
-                                     batch_size=len(group), max_tokens=[j.max_tokens for j in group],
-                                     logits_processors=procs if any(procs) else None)
-            self.batches += 1
-            version = self.active[1] if self.active else None
-            for job, gen in zip(group, gens, strict=True):
-                job.future.set_result(Answer(gen, version, len(job.prompt), t0 - job.enqueued, len(group)))
         except BaseException as exc:  # noqa: BLE001 - each caller gets the error
-            for job in group:
+            for job in pending:
+                if job.key == key and not job.future.done():
+                    job.future.set_exception(exc)
+            return None, [j for j in pending if j.key != key]
+        self.batches += 1
+        return Decoder(self.model, self.tokenizer, self.max_batch), pending
+
+    def _admit(self, dec: Decoder, pending: list[_Job], closed: bool) -> list[_Job]:
+        """Requests for the active version join the running batch between two decode steps
+        (continuous batching), while there is room, unless admission is closed: a control is
+        waiting, or a request for another version has waited `max_wait_s` (it goes next,
+        once this batch drains). A batch with no rows yet is always open."""
+        now = time.perf_counter()
+        if len(dec):  # a batch just opened takes what waits for its version, whatever else waits
+            closed = closed or any(j.key != self.active and now - j.enqueued > self.max_wait_s for j in pending)
+        if closed or len(dec) >= self.max_batch:
+            return pending
+        rest = []
+        for job in pending:
+            if job.key != self.active or len(dec) >= self.max_batch:
+                rest.append(job)
+            elif job.future.set_running_or_notify_cancel():  # a cancelled request is dropped
+                job.admitted = now
+                dec.add(job.prompt, job.max_tokens, job.processor, tag=job)
+        return rest
+
+    def _step(self, dec: Decoder) -> None:
+        """One decode step of the running batch; finished rows get their answers."""
+        version = self.active[1] if self.active else None
+        try:
+            for job, gen, peak in dec.step():
+                job.future.set_result(Answer(gen, version, len(job.prompt), job.admitted - job.enqueued, peak))
+        except BaseException as exc:  # noqa: BLE001 - each caller in the batch gets the error
+            for job in dec.tags():
                 if not job.future.done():
                     job.future.set_exception(exc)
-        return rest
+            dec.clear()
+
+    def _finish(self, dec: Decoder) -> None:
+        self.steps += dec.steps
+        self.row_steps += dec.row_steps
+        dec.close()
 
     # ---- LoRA slots (worker thread only)
 

@@ -61,58 +61,105 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
+class Decoder:
+    """A running continuous batch: greedy decoding of up to `batch_size` rows together, where
+    rows can be added at any time and a finished row's slot goes to the next one (mlx-lm's
+    `BatchGenerator`, with the same stop tokens as its `batch_generate`). `step()` advances
+    every row by one token (and starts the prompt processing of rows added since) and returns
+    the rows that finished, with per-row latency (prompt start to last token) and per-row
+    logits processors (one grammar state per row)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        from mlx_lm.generate import BatchGenerator
+
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self._gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                                   completion_batch_size=batch_size, prefill_batch_size=batch_size)
+        self._rows: dict[int, dict] = {}  # uid -> tag, tokens, steps, start
+        self.steps = 0  # decode steps taken
+        self.row_steps = 0  # rows decoded, summed over steps (mean occupancy = row_steps / steps)
+
+    def __len__(self) -> int:
+        """Rows added and not finished."""
+        return len(self._rows)
+
+    def add(self, prompt: list[int], max_tokens: int, processor: Callable | None = None, tag: Any = None) -> None:
+        (uid,) = self._gen.insert([list(prompt)], [max_tokens],
+                                  logits_processors=[[processor] if processor else []])
+        self._rows[uid] = {"tag": tag, "tokens": [], "steps": 0, "start": None, "peak": 0}
+
+    def step(self) -> list[tuple[Any, Generation, int]]:
+        """One step; returns (tag, answer, most rows decoded together while it decoded) for
+        each row that finished."""
+        if not self._rows:
+            return []
+        t = time.perf_counter()
+        prompt_resps, gen_resps = self._gen.next()
+        now = time.perf_counter()
+        if not prompt_resps and not gen_resps:
+            raise GenerationError(f"generation stalled with {len(self._rows)} rows unfinished")
+        for r in prompt_resps:
+            row = self._rows[r.uid]
+            if row["start"] is None:
+                row["start"] = t
+        if gen_resps:
+            self.steps += 1
+            self.row_steps += len(gen_resps)
+        done = []
+        for r in gen_resps:
+            row = self._rows[r.uid]
+            row["steps"] += 1
+            row["peak"] = max(row["peak"], len(gen_resps))
+            if r.finish_reason != "stop":
+                row["tokens"].append(r.token)
+            if r.finish_reason is not None:
+                del self._rows[r.uid]
+                gen = Generation(self.tokenizer.decode(row["tokens"]), row["steps"],
+                                 now - (row["start"] or t), r.finish_reason)
+                done.append((row["tag"], gen, row["peak"]))
+        return done
+
+    def tags(self) -> list:
+        """The tags of the rows not finished."""
+        return [row["tag"] for row in self._rows.values()]
+
+    def clear(self) -> None:
+        """Forget the unfinished rows (after a failed step: their callers were told)."""
+        self._rows.clear()
+
+    def close(self) -> None:
+        import mlx.core as mx
+
+        mx.synchronize(self._gen.stream)  # the step mlx-lm already started for the rows that finished
+        self._gen.close()
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int = 16,
                    max_tokens: int | Sequence[int] = 256,
                    logits_processors: Sequence[Callable] | None = None,
                    progress: Callable[[int], None] | None = None) -> tuple[list[Generation], float]:
-    """Greedy answers to `prompts`, `batch_size` sequences decoding together (continuous
-    batching: a finished row's slot goes to the next prompt). The same engine and stop tokens
-    as mlx-lm's `batch_generate`, driven directly for per-row latency (prompt start to last
-    token) and per-row logits processors (one grammar state per row). Returns the answers and
-    the wall-clock seconds. `max_tokens` is one limit for all or one per prompt."""
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-
+    """Greedy answers to `prompts` through one `Decoder`, `batch_size` sequences decoding
+    together. Returns the answers and the wall-clock seconds. `max_tokens` is one limit for all
+    or one per prompt."""
     if not prompts:
         return [], 0.0
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         completion_batch_size=batch_size, prefill_batch_size=batch_size)
-    procs = [[p] for p in logits_processors] if logits_processors is not None else None
     n = len(prompts)
+    limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+    procs = list(logits_processors) if logits_processors is not None else [None] * n
     t0 = time.perf_counter()
+    dec = Decoder(model, tokenizer, batch_size)
+    out: list[Generation | None] = [None] * n
     try:
-        limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
-        uids = gen.insert([list(p) for p in prompts], limits, logits_processors=procs)
-        where = {u: i for i, u in enumerate(uids)}
-        tokens: list[list[int]] = [[] for _ in uids]
-        steps, start, end, reason = [0] * n, [None] * n, [None] * n, [None] * n
-        done = 0
-        while done < n:
-            t = time.perf_counter()
-            prompt_resps, gen_resps = gen.next()
-            now = time.perf_counter()
-            if not prompt_resps and not gen_resps:
-                raise GenerationError(f"generation stalled with {n - done} rows unfinished")
-            for r in prompt_resps:
-                i = where[r.uid]
-                if start[i] is None:
-                    start[i] = t
-            for r in gen_resps:
-                i = where[r.uid]
-                steps[i] += 1
-                if r.finish_reason != "stop":
-                    tokens[i].append(r.token)
-                if r.finish_reason is not None:
-                    end[i], reason[i] = now, r.finish_reason
-                    done += 1
-                    if progress:
-                        progress(1)
-        mx.synchronize()
+        for i, p in enumerate(prompts):
+            dec.add(p, limits[i], procs[i], tag=i)
+        while len(dec):
+            for i, gen, _ in dec.step():
+                out[i] = gen
+                if progress:
+                    progress(1)
     finally:
-        gen.close()
-    wall = time.perf_counter() - t0
-    out = [Generation(tokenizer.decode(tokens[i]), steps[i], end[i] - (start[i] or t0), reason[i]) for i in range(n)]
-    return out, wall
+        dec.close()
+    return out, time.perf_counter() - t0
 
 
 MAX_BRANCHES = 64

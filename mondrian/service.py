@@ -69,6 +69,7 @@ class ServiceConfig:
     max_input_chars: int = 4000
     max_prompt_tokens: int = 1024
     max_batch: int = 8
+    max_wait_ms: float = 500.0  # a request for another version waits at most this long before the running batch stops taking new rows
     poll_s: float = 0.5
 
 
@@ -157,7 +158,8 @@ class Service:
             name, path, fingerprint = self.resolve_model(spec)
             worker = self.workers.get(fingerprint)
             if worker is None:
-                worker = ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch)
+                worker = ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch,
+                                     max_wait_s=self.cfg.max_wait_ms / 1000)
                 worker.wait_ready(600)
                 self.workers[fingerprint] = worker
             self._spec_workers[spec] = worker
@@ -289,7 +291,9 @@ class Service:
                          for name, s in self.served.items()},
             "models": {w.name: {"fingerprint": fp, "loaded": [f"{a}@{v}" for a, v in w.versions],
                                 "active": "@".join(w.active) if w.active else None, "swaps": w.swaps,
-                                "batches": w.batches} for fp, w in self.workers.items()},
+                                "batches": w.batches, "decode_steps": w.steps,
+                                "mean_rows_per_step": w.row_steps / w.steps if w.steps else None}
+                         for fp, w in self.workers.items()},
             "last_reload": self.last_reload, "events": self.events[-20:],
         }
 
@@ -618,6 +622,7 @@ def create_app(service: Service) -> FastAPI:
 def run_server(service: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
                ready: Callable[[int], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM. `ready(port)` is called once the socket listens."""
+    import signal
     import socket
 
     import uvicorn
@@ -630,7 +635,12 @@ def run_server(service: Service, host: str = "127.0.0.1", port: int = 8000, log_
     server = uvicorn.Server(config)
     if ready:
         ready(sock.getsockname()[1])
+    # uvicorn re-raises the SIGINT/SIGTERM it caught once it has shut down; these handlers take
+    # that re-raise, so the shutdown finishes here (service closed, log flushed) and not by signal
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
         service.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -109,7 +109,8 @@ class ServeProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 30 s; the exit code."""
         import signal
         import subprocess
 
@@ -119,3 +120,4 @@ class ServeProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        return self.proc.wait()

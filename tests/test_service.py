@@ -97,7 +97,7 @@ def served(tmp_path_factory, registry):
     server = start_server(tmp, "--routing", str(routing), "--root", str(registry), "--db", str(tmp / "m.db"))
     server.tmp, server.routing, server.db = tmp, routing, tmp / "m.db"
     yield server
-    server.stop()
+    assert server.stop() == 0, server.log.read_text()[-2000:]  # SIGTERM: a clean exit
 
 
 def rows(db: Path, where: str = "1", args=()) -> list[dict]:
