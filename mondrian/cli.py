@@ -759,13 +759,10 @@ def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit:
               "[$MONDRIAN_ADMIN_TOKEN]; without one the admin endpoints are off.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Requests decoded together.")
-@click.option("--max-wait-ms", default=500.0, show_default=True, type=click.FloatRange(min=0), help="How long a request for "
-              "another version waits before the running batch stops taking new requests (then drains and "
-              "that version is swapped in).")
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write the port here once listening.")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None, db_path: str,
           root: str | None, host: str, port: int, admin_token: str | None, max_batch: int,
-          max_wait_ms: float, ready_file: str | None) -> None:
+          ready_file: str | None) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     from mondrian.config import ConfigError
     from mondrian.contracts import load_advisors
@@ -776,8 +773,7 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
         return card.name, card.path, card.fingerprint
 
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
-                        advisors=list(advisors), model=model_spec, admin_token=admin_token, max_batch=max_batch,
-                        max_wait_ms=max_wait_ms)
+                        advisors=list(advisors), model=model_spec, admin_token=admin_token, max_batch=max_batch)
     service = Service(cfg, resolve_model, load_advisors())
     try:
         service.start()
@@ -798,11 +794,6 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
 
     run_server(service, host, port, ready=ready)  # returns on SIGINT/SIGTERM, the requests log flushed
     click.echo("stopped", err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: MLX state left by the model threads can abort the process
-    # ("terminate called without an active exception", exit 134) while Python finalizes.
-    os._exit(0)
 
 
 def _admin_call(url: str, token: str | None, method: str, path: str, body: dict | None = None) -> dict:
@@ -886,7 +877,22 @@ def service_reload(url: str, token: str | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="mondrian")
+    try:
+        cli(prog_name="mondrian")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            click.echo(exc.code, err=True)
+    engine = sys.modules.get("mondrian.engine")  # not imported: no worker thread ran
+    if engine is not None and engine.THREADS["started"]:
+        # A model worker thread ran MLX: skip interpreter teardown, where MLX state those
+        # threads left can abort the process ("terminate called without an active
+        # exception", exit 134) after the command has finished and flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,21 @@
-"""The inference engine: one worker thread per base model, LoRA versions hot-swapped in place.
+"""The inference engine: one worker thread per base model, many LoRA versions served at once.
 
 A `ModelWorker` owns one base model (loaded once, in its own thread: MLX streams belong to the
-thread that made them) and every LoRA version loaded for it. Requests reach it through a
-queue. The worker activates the version of the oldest waiting request and opens a batch for
-it (greedy, mlx-lm's `BatchGenerator` through `mondrian.generation.Decoder`); requests for
-that version join the running batch between decode steps as they arrive (continuous
-batching) until one for another version has waited `max_wait_s`; then the batch drains and
-the next version is swapped in. A swap therefore only ever happens between batches, never
-inside a generation, and every answer carries the version that was active while it was
-decoded: the service records that, not what it asked for. Controls (loading a version,
-`call`) also wait for the running batch to drain.
+thread that made them) and every LoRA version loaded for it. Each loaded version has a slot
+in the model's `lora_slots.SlotLoRALinear` layers (slot 0 = the base model), so one running
+batch decodes requests for different versions together: requests join it between decode
+steps as they arrive (continuous batching, mlx-lm's `BatchGenerator` through
+`generation.Decoder`), each row with its version's slot. No weights move for traffic; the
+version a row decodes with is fixed when it joins, and every answer carries it: the service
+records that, not what it asked for.
 
-A swap is `model.load_weights(pairs, strict=False)` plus each LoRA layer's `scale`: the base
-weights never move. Versions whose LoRA layout differs (rank, keys, layers) re-wrap the base
-Linear layers first (still no base reload). The base model is the installed layers at scale
-0, which gives the base logits bit for bit. Loading a version verifies it through the
-registry (checksums, base-model fingerprint), checks every tensor's shape against the
-installed layers (`strict=False` does not), and runs a smoke generation whose logits must be
-finite; a version failing any of these is refused and what was serving keeps serving.
+Loading a version (a control, run between batches: controls wait for the running batch to
+drain) puts its tensors in a slot; the base weights never move and the base is never
+reloaded. It is verified through the registry by the caller (checksums, base-model
+fingerprint), then here: its tensors must be exactly the LoRA pairs its adapter_config.json
+implies (mlx-lm's num_layers/keys rules) with the shapes of the Linear layers they adapt,
+and a smoke generation's logits must be finite. A version failing any of these is refused
+and nothing that was serving changes.
 """
 
 from __future__ import annotations
@@ -30,9 +28,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.nn as nn
+
 from mondrian.generation import Decoder, Generation, chat_prompt, generate_batch
+from mondrian.lora_slots import RowSlots, SlotLoRALinear
 
 SMOKE_PROMPT = [{"role": "user", "content": "hello"}]
+
+
+THREADS = {"started": False}  # whether a worker thread ran MLX in this process (see cli.main)
 
 
 class EngineError(ValueError):
@@ -57,7 +61,8 @@ class LoadedVersion:
     path: Path
     layout: LoraLayout
     scale: float
-    weights: list  # (name, mx.array) pairs, kept in memory: a swap copies nothing
+    slot: int
+    pairs: dict  # qualified Linear name -> (lora_a, lora_b), kept in memory
     loaded_at: float = field(default_factory=time.time)
     smoke: str = ""
 
@@ -85,7 +90,9 @@ class _Job:
 
 
 @dataclass
-class _Control:
+class Control:
+    """A function to run on the worker thread, between batches (`call`)."""
+
     fn: Callable
     future: Future
 
@@ -106,35 +113,74 @@ def read_layout(config: dict, where: str) -> tuple[LoraLayout, float]:
     return LoraLayout(num_layers, rank, tuple(keys) if keys else None), scale
 
 
-class ModelWorker:
-    """One base model and its LoRA versions, owned by one thread."""
+def read_adapter(path: Path, where: str) -> tuple[dict, dict, LoraLayout, float]:
+    """An adapter folder's config, tensors, LoRA layout and scale; unreadable -> EngineError."""
+    import json
 
-    def __init__(self, name: str, path: str | Path, fingerprint: str, *, max_batch: int = 8,
-                 max_versions: int = 8, max_wait_s: float = 0.5):
-        self.name, self.path, self.fingerprint = name, Path(path), fingerprint
-        self.max_batch, self.max_versions, self.max_wait_s = max_batch, max_versions, max_wait_s
-        self.versions: dict[tuple[str, str], LoadedVersion] = {}
-        self.active: tuple[str, str] | None = None
-        self.layout: LoraLayout | None = None
-        self._lora_cache: list | None = None
-        self.swaps = 0
-        self.batches = 0  # batches opened: runs of one version (requests join them as they arrive)
-        self.steps = 0  # decode steps, and rows decoded summed over them (finished batches)
-        self.row_steps = 0
+    import mlx.core as mx
+
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        arrays = mx.load(str(path / "adapters.safetensors"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EngineError(f"{where}: cannot read the adapter ({exc})") from None
+    if not isinstance(config, dict):
+        raise EngineError(f"{where}: adapter_config.json is not a JSON object")
+    layout, scale = read_layout(config, where)
+    return config, arrays, layout, scale
+
+
+class ModelThread:
+    """What both workers share: the thread that owns the model (everything MLX runs there),
+    its queue, its readiness and the controls run on it."""
+
+    name: str
+    path: Path
+
+    def _start_thread(self, prefix: str) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{prefix}-{self.name}", daemon=True)
+        THREADS["started"] = True
         self._thread.start()
 
-    # ---- public API (any thread)
+    def _run(self) -> None:
+        raise NotImplementedError
 
     def wait_ready(self, timeout: float | None = None) -> None:
         if not self._ready.wait(timeout):
             raise EngineError(f"model {self.name}: not loaded after {timeout} s")
         if self._error:
             raise EngineError(f"model {self.name} ({self.path}) failed to load: {self._error}") from self._error
+
+    def _control(self, item: Control) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        try:
+            item.future.set_result(item.fn(self))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            item.future.set_exception(exc)
+
+
+class ModelWorker(ModelThread):
+    """One base model and its LoRA versions, owned by one thread."""
+
+    def __init__(self, name: str, path: str | Path, fingerprint: str, *, max_batch: int = 8,
+                 max_versions: int = 8):
+        self.name, self.path, self.fingerprint = name, Path(path), fingerprint
+        self.max_batch, self.max_versions = max_batch, max_versions
+        self.versions: dict[tuple[str, str], LoadedVersion] = {}
+        self.rows = RowSlots()
+        self._layers: dict[str, SlotLoRALinear] = {}  # qualified Linear name -> its slot layer
+        self.batches = 0  # batches opened (requests of any version join a running one)
+        self.steps = 0  # decode steps, and rows decoded summed over them
+        self.row_steps = 0
+        self.loads = 0
+        self._start_thread("model")
+
+    # ---- public API (any thread)
 
     def submit(self, key: tuple[str, str] | None, prompt: list[int], max_tokens: int,
                processor: Callable | None = None) -> Future:
@@ -146,19 +192,24 @@ class ModelWorker:
     def call(self, fn: Callable, timeout: float | None = 300) -> object:
         """Run fn(worker) on the worker thread, between batches."""
         fut: Future = Future()
-        self._queue.put(_Control(fn, fut))
+        self._queue.put(Control(fn, fut))
         return fut.result(timeout)
 
     def load(self, advisor: str, version: str, path: str | Path) -> LoadedVersion:
-        """Load a verified adapter folder as (advisor, version): shape checks and a smoke
-        generation on the worker; on any failure the version is not kept and nothing changes."""
+        """Load a verified adapter folder as (advisor, version) into a slot: tensor checks and a
+        smoke generation on the worker; on any failure the version is not kept and nothing changes."""
         return self.call(lambda w: w._load(advisor, version, Path(path)))
 
     def unload(self, advisor: str, version: str) -> bool:
-        return self.call(lambda w: w.versions.pop((advisor, version), None) is not None)
+        return self.call(lambda w: w._unload((advisor, version)))
 
     def prompt_tokens(self, messages: list[dict]) -> list[int]:
         return chat_prompt(self.tokenizer, messages)
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "decode_steps": self.steps, "decoded_rows": self.row_steps,
+                "model_calls": self.rows.calls, "mixed_version_calls": self.rows.mixed_calls,
+                "loads": self.loads}
 
     def close(self) -> None:
         if self._stop:
@@ -175,13 +226,14 @@ class ModelWorker:
 
             self.model, self.tokenizer = load(str(self.path))
             self.model.eval()
+            self.model.freeze()
         except BaseException as exc:  # noqa: BLE001 - reported through wait_ready
             self._error = exc
             self._ready.set()
             return
         self._ready.set()
         pending: list[_Job] = []
-        controls: list[_Control] = []
+        controls: list[Control] = []
         dec: Decoder | None = None
         while not self._stop:
             busy = bool(pending or controls or dec)
@@ -198,22 +250,25 @@ class ModelWorker:
             for it in items:
                 if it is None:
                     self._stop = True
-                elif isinstance(it, _Control):
+                elif isinstance(it, Control):
                     controls.append(it)
                 else:
                     pending.append(it)
             if self._stop:
                 break
             if dec is not None and not len(dec):
-                dec = self._finish(dec)
-            if dec is None:  # between batches: controls (loads, swaps) run now, then the next version
+                dec.close()
+                dec = None
+            if dec is None:  # between batches: controls (loads, unloads) run now
                 for c in controls:
                     self._control(c)
                 controls = []
                 if pending:
-                    dec, pending = self._start(pending)
+                    dec = Decoder(self.model, self.tokenizer, self.max_batch, self.rows)
+                    self.batches += 1
             if dec is not None:
-                pending = self._admit(dec, pending, closed=bool(controls))
+                if not controls:  # a waiting control closes the batch to new rows: it drains, then the control runs
+                    pending = self._admit(dec, pending)
                 self._step(dec)
         gone = EngineError(f"model {self.name}: the service is shutting down")
         for f in [j.future for j in pending] + [c.future for c in controls] + \
@@ -221,50 +276,37 @@ class ModelWorker:
             if not f.done():
                 f.set_exception(gone)
 
-    def _control(self, item: _Control) -> None:
-        try:
-            item.future.set_result(item.fn(self))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            item.future.set_exception(exc)
-
-    def _start(self, pending: list[_Job]) -> tuple[Decoder | None, list[_Job]]:
-        """Activate the oldest request's version and open a batch for it (its requests join
-        in `_admit`). A version that cannot be activated fails its requests."""
-        key = pending[0].key
-        try:
-            self._activate(key)
-        except BaseException as exc:  # noqa: BLE001 - each caller gets the error
-            for job in pending:
-                if job.key == key and not job.future.done():
-                    job.future.set_exception(exc)
-            return None, [j for j in pending if j.key != key]
-        self.batches += 1
-        return Decoder(self.model, self.tokenizer, self.max_batch), pending
-
-    def _admit(self, dec: Decoder, pending: list[_Job], closed: bool) -> list[_Job]:
-        """Requests for the active version join the running batch between two decode steps
-        (continuous batching), while there is room, unless admission is closed: a control is
-        waiting, or a request for another version has waited `max_wait_s` (it goes next,
-        once this batch drains). A batch with no rows yet is always open."""
-        now = time.perf_counter()
-        if len(dec):  # a batch just opened takes what waits for its version, whatever else waits
-            closed = closed or any(j.key != self.active and now - j.enqueued > self.max_wait_s for j in pending)
-        if closed or len(dec) >= self.max_batch:
-            return pending
+    def _admit(self, dec: Decoder, pending: list[_Job]) -> list[_Job]:
+        """Waiting requests join the running batch, oldest first, while there is room; each row
+        decodes with its version's slot."""
         rest = []
+        now = time.perf_counter()
         for job in pending:
-            if job.key != self.active or len(dec) >= self.max_batch:
+            if len(dec) >= self.max_batch:
                 rest.append(job)
-            elif job.future.set_running_or_notify_cancel():  # a cancelled request is dropped
-                job.admitted = now
-                dec.add(job.prompt, job.max_tokens, job.processor, tag=job)
+                continue
+            if not job.future.set_running_or_notify_cancel():  # a cancelled request is dropped
+                continue
+            if job.key is None:
+                slot = 0
+            elif job.key in self.versions:
+                slot = self.versions[job.key].slot
+            else:
+                job.future.set_exception(EngineError(f"{job.key[0]} {job.key[1]} is not loaded on model {self.name}"))
+                continue
+            job.admitted = now
+            dec.add(job.prompt, job.max_tokens, job.processor, tag=job, slot=slot)
         return rest
 
     def _step(self, dec: Decoder) -> None:
         """One decode step of the running batch; finished rows get their answers."""
-        version = self.active[1] if self.active else None
+        steps, rows = dec.steps, dec.row_steps
         try:
-            for job, gen, peak in dec.step():
+            finished = dec.step()
+            self.steps += dec.steps - steps
+            self.row_steps += dec.row_steps - rows
+            for job, gen, peak in finished:
+                version = job.key[1] if job.key else None
                 job.future.set_result(Answer(gen, version, len(job.prompt), job.admitted - job.enqueued, peak))
         except BaseException as exc:  # noqa: BLE001 - each caller in the batch gets the error
             for job in dec.tags():
@@ -272,123 +314,126 @@ class ModelWorker:
                     job.future.set_exception(exc)
             dec.clear()
 
-    def _finish(self, dec: Decoder) -> None:
-        self.steps += dec.steps
-        self.row_steps += dec.row_steps
-        dec.close()
-
     # ---- LoRA slots (worker thread only)
 
-    def _lora_modules(self) -> list:
-        """The installed LoRA layers (cached per layout: walking the module tree is most of a swap)."""
-        if self._lora_cache is None:
-            self._lora_cache = [m for _, m in self.model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
-        return self._lora_cache
+    def _blocks(self) -> tuple[str, list]:
+        """The qualified name prefix of the transformer blocks, and the blocks."""
+        blocks = self.model.layers if hasattr(self.model, "layers") else self.model.model.layers
+        first = blocks[0]
+        for name, module in self.model.named_modules():
+            if module is first:
+                return name.rsplit(".", 1)[0], blocks
+        raise EngineError(f"model {self.name}: cannot find its transformer blocks")
 
-    def _install(self, layout: LoraLayout) -> None:
-        """Wrap the base Linear layers for `layout` (unwrapping a previous layout first)."""
+    def _targets(self, layout: LoraLayout, where: str) -> dict[str, nn.Module]:
+        """The Linear layers mlx-lm's `linear_to_lora_layers` adapts for `layout` (last
+        num_layers blocks, -1 = all; `keys` or every Linear in them), by qualified name."""
+        prefix, blocks = self._blocks()
+        n = len(blocks) if layout.num_layers == -1 else layout.num_layers
+        if not 0 <= n <= len(blocks):
+            raise EngineError(f"{where}: num_layers {layout.num_layers}; the model has {len(blocks)} layers")
+        out = {}
+        for b in range(len(blocks) - n, len(blocks)):
+            modules = dict(blocks[b].named_modules())
+            for name, module in modules.items():
+                if isinstance(modules.get(name.rpartition(".")[0]), SlotLoRALinear):
+                    continue  # the Linear inside a slot layer: its parent stands for it
+                base = module.linear if isinstance(module, SlotLoRALinear) else module
+                if layout.keys is not None and name not in layout.keys:
+                    continue
+                if isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+                    out[f"{prefix}.{b}.{name}"] = base
+                elif layout.keys is not None or isinstance(base, (nn.Embedding, nn.QuantizedEmbedding)):
+                    raise EngineError(f"{where}: LoRA on {prefix}.{b}.{name} ({type(base).__name__}); "
+                                      "the service serves LoRA on Linear layers")
+            if layout.keys is not None:
+                missing = set(layout.keys) - {k.split(f"{prefix}.{b}.", 1)[1] for k in out if k.startswith(f"{prefix}.{b}.")}
+                if missing:
+                    raise EngineError(f"{where}: lora_parameters.keys {sorted(missing)} are not Linear layers "
+                                      f"of block {b}")
+        return out
+
+    def _wrap(self, name: str, linear: nn.Module) -> SlotLoRALinear:
         from mlx.utils import tree_unflatten
-        from mlx_lm.tuner.utils import linear_to_lora_layers
 
-        wrapped = [(n, m.linear) for n, m in self.model.named_modules() if hasattr(m, "lora_a")]
-        if wrapped:
-            self.model.update_modules(tree_unflatten(wrapped))
-        self.model.freeze()  # what stays trainable after wrapping is exactly the LoRA tensors
-        params = {"rank": layout.rank, "scale": 0.0, "dropout": 0.0}
-        if layout.keys:
-            params["keys"] = list(layout.keys)
-        layers = self.model.layers if hasattr(self.model, "layers") else self.model.model.layers
-        n = len(layers) if layout.num_layers == -1 else layout.num_layers
-        if n > len(layers):
-            raise EngineError(f"the adapter wants LoRA on {n} layers; the model has {len(layers)}")
-        linear_to_lora_layers(self.model, n, params)
-        self._lora_cache = None
-        self.model.eval()  # new Dropout modules start in training mode
-        self.layout = layout
-        self._expected = {k: v.shape for k, v in _flat(self.model.trainable_parameters())}
-
-    def _activate(self, key: tuple[str, str] | None, force: bool = False) -> None:
-        """Put `key`'s weights and scale in (None: the base model, scale 0). `force` re-applies
-        the active key too (its weights may just have been reloaded or re-wrapped)."""
-        if key == self.active and not force:
-            return
-        if key is None:
-            for m in self._lora_modules():
-                m.scale = 0.0
-        else:
-            v = self.versions.get(key)
-            if v is None:
-                raise EngineError(f"{key[0]} {key[1]} is not loaded on model {self.name}")
-            if v.layout != self.layout:
-                self._install(v.layout)
-            self.model.load_weights(v.weights, strict=False)
-            for m in self._lora_modules():
-                m.scale = v.scale
-        self.active = key
-        self.swaps += 1
+        layer = self._layers.get(name)
+        if layer is None:
+            layer = SlotLoRALinear(linear, self.rows)
+            self.model.update_modules(tree_unflatten([(name, layer)]))
+            self._layers[name] = layer
+        return layer
 
     def _load(self, advisor: str, version: str, path: Path) -> LoadedVersion:
-        import json
-
-        import mlx.core as mx
-
         where = f"{advisor} {version} ({path})"
+        _, arrays, layout, scale = read_adapter(path, where)
+        targets = self._targets(layout, where)
+        bad, pairs = [], {}
+        for name, linear in targets.items():
+            out_dims, in_dims = linear.weight.shape
+            if isinstance(linear, nn.QuantizedLinear):
+                in_dims = in_dims * 32 // linear.bits
+            a, b = arrays.get(f"{name}.lora_a"), arrays.get(f"{name}.lora_b")
+            if a is None or b is None:
+                continue
+            if tuple(a.shape) != (in_dims, layout.rank) or tuple(b.shape) != (layout.rank, out_dims):
+                bad.append(f"{name}.lora_a/b {tuple(a.shape)}/{tuple(b.shape)} (layer wants "
+                           f"{(in_dims, layout.rank)}/{(layout.rank, out_dims)})")
+            pairs[name] = (a, b)
+        wanted = {f"{n}.{ab}" for n in targets for ab in ("lora_a", "lora_b")}
+        unknown, missing = sorted(set(arrays) - wanted), sorted(wanted - set(arrays))
+        if bad or unknown or missing:
+            raise EngineError(f"{where}: does not fit {self.name}: " + "; ".join(filter(None, [
+                f"wrong shapes: {', '.join(bad[:3])}" if bad else "",
+                f"tensors with no LoRA layer: {', '.join(unknown[:3])}" if unknown else "",
+                f"LoRA layers with no tensor: {', '.join(missing[:3])}" if missing else ""])))
+        key = (advisor, version)
+        old = self.versions.get(key)
+        used = {v.slot for k, v in self.versions.items() if k != key}
+        slot = old.slot if old else next(s for s in range(1, len(self.versions) + 2) if s not in used)
+        previous = {n: layer._slots.get(slot) for n, layer in self._layers.items()}
+        for name in pairs:
+            self._wrap(name, targets[name])
+        self._place(slot, pairs, scale)
+        loaded = LoadedVersion(advisor, version, path, layout, scale, slot, pairs)
         try:
-            config = json.loads((path / "adapter_config.json").read_text())
-            arrays = mx.load(str(path / "adapters.safetensors"))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise EngineError(f"{where}: cannot read the adapter ({exc})") from None
-        layout, scale = read_layout(config, where)
-        previous_active, previous_layout = self.active, self.layout
-        try:
-            if layout != self.layout:
-                self._install(layout)
-            expected = self._expected
-            bad = [f"{k} {tuple(v.shape)} (layer wants {tuple(expected[k])})" for k, v in arrays.items()
-                   if k in expected and tuple(v.shape) != tuple(expected[k])]
-            unknown = sorted(set(arrays) - set(expected))
-            missing = sorted(set(expected) - set(arrays))
-            if bad or unknown or missing:
-                raise EngineError(f"{where}: does not fit {self.name}: "
-                                  + "; ".join(filter(None, [
-                                      f"wrong shapes: {', '.join(bad[:3])}" if bad else "",
-                                      f"tensors with no LoRA layer: {', '.join(unknown[:3])}" if unknown else "",
-                                      f"LoRA layers with no tensor: {', '.join(missing[:3])}" if missing else ""])))
-            loaded = LoadedVersion(advisor, version, path, layout, scale, list(arrays.items()))
-            self.versions[(advisor, version)] = loaded
-            self._activate((advisor, version), force=True)
-            loaded.smoke = self._smoke(where)
+            loaded.smoke = self._smoke(where, slot)
         except BaseException:
-            self.versions.pop((advisor, version), None)
-            self._restore(previous_active, previous_layout)
+            for name, layer in self._layers.items():  # put back what the slot held (a reload) or nothing
+                prev = previous.get(name)
+                layer.set_slot(slot, prev.a if prev else None, prev.b if prev else None, prev.scale if prev else 0.0)
             raise
-        self._restore(previous_active, previous_layout)
-        while len(self.versions) > self.max_versions:  # forget the oldest loaded, never the active
-            oldest = min((k for k in self.versions if k != self.active), key=lambda k: self.versions[k].loaded_at)
-            del self.versions[oldest]
+        self.versions[key] = loaded
+        self.loads += 1
+        while len(self.versions) > self.max_versions:  # forget the oldest loaded
+            oldest = min(self.versions, key=lambda k: self.versions[k].loaded_at)
+            self._unload(oldest)
         return loaded
 
-    def _restore(self, key: tuple[str, str] | None, layout: LoraLayout | None) -> None:
-        if key is not None and key in self.versions:
-            self._activate(key, force=True)
-        else:
-            if layout is not None and layout != self.layout:
-                self._install(layout)
-            self._activate(None, force=True)
+    def _place(self, slot: int, pairs: dict[str, tuple], scale: float) -> None:
+        """Put a version's (lora_a, lora_b) pairs in `slot` of every slot layer (none where it
+        has none; its layers are wrapped already)."""
+        for name, layer in self._layers.items():
+            a, b = pairs.get(name, (None, None))
+            layer.set_slot(slot, a, b, scale)
 
-    def _smoke(self, where: str) -> str:
-        """A forward pass with finite logits and a few generated tokens."""
+    def _unload(self, key: tuple[str, str]) -> bool:
+        v = self.versions.pop(key, None)
+        if v is None:
+            return False
+        for layer in self._layers.values():
+            layer.set_slot(v.slot, None)
+        return True
+
+    def _smoke(self, where: str, slot: int) -> str:
+        """A forward pass with finite logits and a few generated tokens, in `slot`."""
         import mlx.core as mx
 
         prompt = chat_prompt(self.tokenizer, SMOKE_PROMPT)
-        logits = self.model(mx.array([prompt]))
-        if not mx.all(mx.isfinite(logits)).item():
+        with self.rows.use([slot]):
+            logits = self.model(mx.array([prompt]))
+            finite = mx.all(mx.isfinite(logits)).item()
+        if not finite:
             raise EngineError(f"{where}: refused: the smoke test's logits are not finite (NaN or inf weights?)")
-        gens, _ = generate_batch(self.model, self.tokenizer, [prompt], batch_size=1, max_tokens=4)
+        gens, _ = generate_batch(self.model, self.tokenizer, [prompt], batch_size=1, max_tokens=4,
+                                 row_slots=self.rows, slots=[slot])
         return gens[0].text
-
-
-def _flat(tree) -> list:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)

@@ -69,10 +69,13 @@ class Decoder:
     the rows that finished, with per-row latency (prompt start to last token) and per-row
     logits processors (one grammar state per row)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, row_slots=None):
         from mlx_lm.generate import BatchGenerator
 
         self.tokenizer, self.batch_size = tokenizer, batch_size
+        self._slot_of: dict[int, int] = {}
+        if row_slots is not None:  # a model with `lora_slots.SlotLoRALinear` layers: each row has its slot
+            model = _RowSlotModel(model, row_slots, self._slot_of)
         self._gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                                    completion_batch_size=batch_size, prefill_batch_size=batch_size)
         self._rows: dict[int, dict] = {}  # uid -> tag, tokens, steps, start
@@ -83,9 +86,12 @@ class Decoder:
         """Rows added and not finished."""
         return len(self._rows)
 
-    def add(self, prompt: list[int], max_tokens: int, processor: Callable | None = None, tag: Any = None) -> None:
+    def add(self, prompt: list[int], max_tokens: int, processor: Callable | None = None, tag: Any = None,
+            slot: int = 0) -> None:
+        """Queue a row; it starts at the next step. `slot`: its LoRA slot (with `row_slots`)."""
         (uid,) = self._gen.insert([list(prompt)], [max_tokens],
                                   logits_processors=[[processor] if processor else []])
+        self._slot_of[uid] = slot
         self._rows[uid] = {"tag": tag, "tokens": [], "steps": 0, "start": None, "peak": 0}
 
     def step(self) -> list[tuple[Any, Generation, int]]:
@@ -114,6 +120,7 @@ class Decoder:
                 row["tokens"].append(r.token)
             if r.finish_reason is not None:
                 del self._rows[r.uid]
+                self._slot_of.pop(r.uid, None)
                 gen = Generation(self.tokenizer.decode(row["tokens"]), row["steps"],
                                  now - (row["start"] or t), r.finish_reason)
                 done.append((row["tag"], gen, row["peak"]))
@@ -134,24 +141,50 @@ class Decoder:
         self._gen.close()
 
 
+class _RowSlotModel:
+    """The model as `BatchGenerator` sees it: each call first tells the LoRA slot layers which
+    slot every row of the calling batch uses. mlx-lm's batch objects (PromptProcessingBatch,
+    GenerationBatch) call `self.model(inputs, cache=...)` with their rows in `self.uids` order;
+    the caller's `uids` are read from its frame, and a caller without them (an mlx-lm change)
+    is an error, never a silent guess."""
+
+    def __init__(self, model, row_slots, slot_of: dict[int, int]):
+        self._model, self._rows, self._slot_of = model, row_slots, slot_of
+
+    def __getattr__(self, name: str):  # layers, make_cache, ...: the model's own
+        return getattr(self._model, name)
+
+    def __call__(self, inputs, *args, **kwargs):
+        import sys
+
+        batch = sys._getframe(1).f_locals.get("self")
+        uids = getattr(batch, "uids", None)
+        if uids is None or len(uids) != inputs.shape[0]:
+            raise GenerationError(f"cannot tell which rows a model call of shape {tuple(inputs.shape)} is for "
+                                  f"(caller {type(batch).__name__}); mlx-lm's batching changed")
+        with self._rows.use([self._slot_of[u] for u in uids]):
+            return self._model(inputs, *args, **kwargs)
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int = 16,
                    max_tokens: int | Sequence[int] = 256,
                    logits_processors: Sequence[Callable] | None = None,
-                   progress: Callable[[int], None] | None = None) -> tuple[list[Generation], float]:
+                   progress: Callable[[int], None] | None = None,
+                   row_slots=None, slots: Sequence[int] | None = None) -> tuple[list[Generation], float]:
     """Greedy answers to `prompts` through one `Decoder`, `batch_size` sequences decoding
     together. Returns the answers and the wall-clock seconds. `max_tokens` is one limit for all
-    or one per prompt."""
+    or one per prompt; `slots` the LoRA slot per prompt (a model with `row_slots`)."""
     if not prompts:
         return [], 0.0
     n = len(prompts)
     limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
     procs = list(logits_processors) if logits_processors is not None else [None] * n
     t0 = time.perf_counter()
-    dec = Decoder(model, tokenizer, batch_size)
+    dec = Decoder(model, tokenizer, batch_size, row_slots)
     out: list[Generation | None] = [None] * n
     try:
         for i, p in enumerate(prompts):
-            dec.add(p, limits[i], procs[i], tag=i)
+            dec.add(p, limits[i], procs[i], tag=i, slot=slots[i] if slots else 0)
         while len(dec):
             for i, gen, _ in dec.step():
                 out[i] = gen

@@ -46,6 +46,7 @@ from mondrian.engine import EngineError, ModelWorker
 from mondrian.registry import Registry, RegistryError
 from mondrian.requests_log import RequestLog, create_tables, now_iso, record_routing
 from mondrian.routing import AdvisorRoute, Arm, Plan, ResolvedArm, RoutingConfig, load_routing
+from mondrian.vision import VisionRequest, VisionWorker
 
 # spec -> (name, folder, fingerprint); given by the CLI (lora.models.resolve) or a test
 ModelResolver = Callable[[str], tuple[str, Path, str]]
@@ -69,7 +70,6 @@ class ServiceConfig:
     max_input_chars: int = 4000
     max_prompt_tokens: int = 1024
     max_batch: int = 8
-    max_wait_ms: float = 500.0  # a request for another version waits at most this long before the running batch stops taking new rows
     poll_s: float = 0.5
 
 
@@ -150,19 +150,27 @@ class Service:
         except RegistryError as exc:
             raise ServiceError(404, f"{advisor}: no version or alias {ref!r} ({exc})") from None
 
-    def _worker(self, spec: str) -> ModelWorker:
+    def _worker(self, spec: str, vision: bool = False) -> ModelWorker | VisionWorker:
         """The worker for a model spec: resolved once per spec (a folder without a card is hashed
-        to resolve, and plans are re-made on every activate), one worker per fingerprint."""
+        to resolve, and plans are re-made on every activate), one worker per fingerprint. Image
+        advisors get a `VisionWorker` (mlx-vlm), text advisors a `ModelWorker` (mlx-lm)."""
         worker = self._spec_workers.get(spec)
         if worker is None:
             name, path, fingerprint = self.resolve_model(spec)
             worker = self.workers.get(fingerprint)
             if worker is None:
-                worker = ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch,
-                                     max_wait_s=self.cfg.max_wait_ms / 1000)
-                worker.wait_ready(600)
+                worker = (VisionWorker(name, path, fingerprint) if vision
+                          else ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch))
+                try:
+                    worker.wait_ready(600)
+                except EngineError as exc:
+                    worker.close()
+                    raise ServiceError(400, f"model {spec}: {exc}") from None
                 self.workers[fingerprint] = worker
             self._spec_workers[spec] = worker
+        if isinstance(worker, VisionWorker) != vision:
+            raise ServiceError(400, f"model {spec} is served as a {'vision' if not vision else 'text'} model "
+                                    f"here; an {'image' if vision else 'text'} advisor cannot share it")
         return worker
 
     def ensure_loaded(self, advisor: str, version: str, worker: ModelWorker) -> None:
@@ -183,9 +191,6 @@ class Service:
             contract = self.contracts.get(advisor)
             if contract is None:
                 raise ServiceError(404, f"unknown advisor {advisor!r} (known: {', '.join(sorted(self.contracts))})")
-            if contract.input_kind != "text":
-                raise ServiceError(501, f"advisor {advisor} takes {contract.input_kind} input; this service "
-                                        "serves text advisors (vision serving is not built yet)")
             route = route or self.route_for(advisor)
             arms = tuple(ResolvedArm(a.name, a.version, self._ref(advisor, a.version), a.weight) for a in route.arms)
             if not arms:
@@ -198,7 +203,7 @@ class Service:
                 if version is None:
                     raise ServiceError(400, f"{advisor}: name the base model (route `model:` or --model)")
                 spec = self.registry.show(advisor, version).card.base_model
-            worker = self._worker(spec)
+            worker = self._worker(spec, vision=contract.input_kind == "image")
             plan = Plan(advisor, arms, self._ref(advisor, route.shadow), route.sticky, route.fallback,
                         fallback_version, route.max_tokens)
             for version in sorted(plan.versions()):
@@ -289,11 +294,8 @@ class Service:
             "advisors": {name: {"plan": s.plan.describe(), "routing_id": s.plan.routing_id,
                                 "model": s.worker.name, "base_fingerprint": s.worker.fingerprint}
                          for name, s in self.served.items()},
-            "models": {w.name: {"fingerprint": fp, "loaded": [f"{a}@{v}" for a, v in w.versions],
-                                "active": "@".join(w.active) if w.active else None, "swaps": w.swaps,
-                                "batches": w.batches, "decode_steps": w.steps,
-                                "mean_rows_per_step": w.row_steps / w.steps if w.steps else None}
-                         for fp, w in self.workers.items()},
+            "models": {w.name: {"fingerprint": fp, "loaded": {f"{a}@{v}": lv.slot for (a, v), lv in w.versions.items()},
+                                **w.stats()} for fp, w in self.workers.items()},
             "last_reload": self.last_reload, "events": self.events[-20:],
         }
 
@@ -308,10 +310,21 @@ class Service:
         return obj, not problems, "; ".join(map(str, problems[:3])) or None
 
     async def answer(self, advisor: str, text: str, *, user: str | None = None, endpoint: str = "analyze",
-                     pin: str | None = None, max_tokens: int | None = None, image_sha256: str | None = None) -> dict:
+                     pin: str | None = None, max_tokens: int | None = None, image: bytes | None = None) -> dict:
+        """Route, decode, check and record one request. Text advisors take `text`; image
+        advisors take `image` (the uploaded bytes) and optional `text` beside it."""
         t0, received = time.perf_counter(), now_iso()
         served = self._served(advisor)
-        if not isinstance(text, str) or not text.strip():
+        vision = isinstance(served.worker, VisionWorker)
+        if vision and image is None:
+            raise ServiceError(400, f"advisor {advisor} takes an image: upload it as the multipart field 'image' "
+                                    "(or an image_url data URL in a chat message)")
+        if not vision and image is not None:
+            _image_sha256(image)  # corrupt bytes get their own 400 first
+            raise ServiceError(400, f"advisor {advisor} takes text; send the question as 'text', not an image")
+        image_sha256 = _image_sha256(image) if vision else None
+        text = text or ""
+        if not isinstance(text, str) or (not vision and not text.strip()):
             raise ServiceError(400, "the input text is empty")
         if len(text) > self.cfg.max_input_chars:
             raise ServiceError(413, f"input text is {len(text)} characters; the limit is {self.cfg.max_input_chars}")
@@ -327,10 +340,15 @@ class Service:
             arm = ResolvedArm("pinned", pin, version, 0.0)
         else:
             arm = plan.assign(raw_key)
-        messages = [{"role": "system", "content": contract.system_prompt}, {"role": "user", "content": text}]
-        prompt = worker.prompt_tokens(messages)
-        if len(prompt) > self.cfg.max_prompt_tokens:
-            raise ServiceError(413, f"the prompt is {len(prompt)} tokens; the limit is {self.cfg.max_prompt_tokens}")
+        if vision:  # image first, then any text: how lora/dataset.py writes the training rows
+            parts = [{"type": "image"}] + ([{"type": "text", "text": text}] if text.strip() else [])
+            prompt = VisionRequest(worker.vision_prompt([{"role": "system", "content": contract.system_prompt},
+                                                         {"role": "user", "content": parts}]), image)
+        else:
+            prompt = worker.prompt_tokens([{"role": "system", "content": contract.system_prompt},
+                                           {"role": "user", "content": text}])
+            if len(prompt) > self.cfg.max_prompt_tokens:
+                raise ServiceError(413, f"the prompt is {len(prompt)} tokens; the limit is {self.cfg.max_prompt_tokens}")
         limit = max_tokens or plan.max_tokens
         request_id = f"req-{uuid.uuid4().hex}"
 
@@ -365,7 +383,7 @@ class Service:
             "sticky_key": sticky_key, "shadow_of": None, "status": status,
             "contract_ok": None if ans is None else int(bool(ok)), "fallback": fallback,
             "fallback_reason": fallback_reason, "error": error, "latency_ms": latency_ms,
-            "queue_ms": ans.queue_s * 1000 if ans else None, "prompt_tokens": len(prompt),
+            "queue_ms": ans.queue_s * 1000 if ans else None, "prompt_tokens": ans.prompt_tokens if ans else None,
             "completion_tokens": final.generation.tokens if final is not None else None,
         }
         if plan.shadow and pin is None:
@@ -377,10 +395,10 @@ class Service:
                 "version": final.version, "answer": obj, "text": final.generation.text,
                 "contract_ok": bool(ok), "fallback": fallback, "finish_reason": final.generation.finish_reason,
                 "latency_ms": round(latency_ms, 3),
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": final.generation.tokens,
-                          "total_tokens": len(prompt) + final.generation.tokens}}
+                "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generation.tokens,
+                          "total_tokens": final.prompt_tokens + final.generation.tokens}}
 
-    def _shadow(self, served: Served, plan: Plan, request_id: str, prompt: list[int], limit: int,
+    def _shadow(self, served: Served, plan: Plan, request_id: str, prompt: list[int] | VisionRequest, limit: int,
                 received: str, sticky_key: str | None) -> None:
         """The shadow version answers too, off the request path; only its row is kept."""
         t0 = time.perf_counter()
@@ -391,13 +409,14 @@ class Service:
                    "endpoint": "shadow", "arm": "shadow", "assigned_version": plan.shadow,
                    "served_version": None, "base_model": served.worker.name,
                    "base_fingerprint": served.worker.fingerprint, "routing_id": plan.routing_id,
-                   "sticky_key": sticky_key, "shadow_of": request_id, "prompt_tokens": len(prompt),
+                   "sticky_key": sticky_key, "shadow_of": request_id,
                    "latency_ms": (time.perf_counter() - t0) * 1000}
             try:
                 a = f.result()
                 _, ok, _ = self._check(served.advisor, a.generation.text)
                 row |= {"status": 200, "served_version": a.version, "contract_ok": int(ok),
-                        "completion_tokens": a.generation.tokens, "queue_ms": a.queue_s * 1000}
+                        "prompt_tokens": a.prompt_tokens, "completion_tokens": a.generation.tokens,
+                        "queue_ms": a.queue_s * 1000}
             except Exception as exc:  # noqa: BLE001
                 row |= {"status": 500, "error": f"{type(exc).__name__}: {exc}"}
             self.log.submit(row)
@@ -427,6 +446,22 @@ def _image_sha256(data: bytes, limit_pixels: int = 40_000_000) -> str:
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for corrupt bytes
         raise ServiceError(400, f"the image bytes are not a readable image ({type(exc).__name__}: {exc})") from None
     return hashlib.sha256(data).hexdigest()
+
+
+def _data_url(image_url, where: str) -> bytes:
+    """The bytes of an OpenAI `image_url` part given as a base64 data URL (the service fetches
+    nothing from the network)."""
+    import base64
+    import binascii
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise ServiceError(400, f"{where}: image_url must be a base64 data URL (data:image/png;base64,...); "
+                                "the service does not fetch URLs")
+    try:
+        return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ServiceError(400, f"{where}: image_url is not valid base64 ({exc})") from None
 
 
 def create_app(service: Service) -> FastAPI:
@@ -515,14 +550,18 @@ def create_app(service: Service) -> FastAPI:
                 form = await request.form()
             except Exception as exc:  # noqa: BLE001
                 raise ServiceError(400, f"malformed multipart body ({exc})") from None
-            text, user = form.get("text"), form.get("user")
+            text, user, pin = form.get("text"), form.get("user"), form.get("version")
             upload = form.get("image")
-            if upload is not None and hasattr(upload, "read"):
-                _image_sha256(await upload.read())  # corrupt bytes get their own 400 first
-                raise ServiceError(400, f"advisor {advisor} takes text; send the question as 'text', not an image")
-            if not isinstance(text, str):
-                raise ServiceError(400, "field 'text' is required (a form field)")
-            max_tokens = None
+            image = await upload.read() if upload is not None and hasattr(upload, "read") else None
+            if image is None and not isinstance(text, str):
+                raise ServiceError(400, "a form needs a 'text' field or an 'image' file")
+            try:
+                max_tokens = int(form["max_tokens"]) if form.get("max_tokens") is not None else None
+            except ValueError:
+                raise ServiceError(400, f"max_tokens {form.get('max_tokens')!r} must be an integer") from None
+            return await service.answer(advisor, text if isinstance(text, str) else None,
+                                        user=user if isinstance(user, str) else None, max_tokens=max_tokens,
+                                        pin=pin if isinstance(pin, str) else None, image=image)
         else:
             data = await read_json(request)
             unknown = sorted(set(data) - {"text", "user", "max_tokens", "version"})
@@ -533,8 +572,6 @@ def create_app(service: Service) -> FastAPI:
             max_tokens = field(data, "max_tokens", int)
             pin = field(data, "version", str)
             return await service.answer(advisor, text, user=user, max_tokens=max_tokens, pin=pin)
-        return await service.answer(advisor, text, user=user if isinstance(user, str) else None,
-                                    max_tokens=max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -555,21 +592,25 @@ def create_app(service: Service) -> FastAPI:
         if advisor not in service.served:
             raise ServiceError(404, f"model {model!r}: no such advisor served here "
                                     f"(models: {', '.join(sorted(service.served))}; pin a version as advisor@vN)")
-        texts = []
+        texts, images = [], []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                 raise ServiceError(400, f"messages[{i}] must be an object with role system, user or assistant")
             if m["role"] == "user":
                 content = m.get("content")
-                if isinstance(content, list):  # OpenAI content parts: keep the text ones
+                if isinstance(content, list):  # OpenAI content parts: text, and images as data URLs
+                    images = [_data_url(p.get("image_url"), f"messages[{i}]") for p in content
+                              if isinstance(p, dict) and p.get("type") == "image_url"] or images
                     content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
                 if not isinstance(content, str):
-                    raise ServiceError(400, f"messages[{i}].content must be a string")
+                    raise ServiceError(400, f"messages[{i}].content must be a string or a list of content parts")
                 texts.append(content)
         if not texts:
             raise ServiceError(400, "messages has no user message")
+        if len(images) > 1:
+            raise ServiceError(400, "one image per request")
         out = await service.answer(advisor, texts[-1], user=user, endpoint="chat", pin=pin or None,
-                                   max_tokens=max_tokens)
+                                   max_tokens=max_tokens, image=images[0] if images else None)
         usage = out["usage"]
         return {
             "id": f"chatcmpl-{out['request_id'][4:]}", "object": "chat.completion", "created": int(time.time()),
@@ -637,7 +678,8 @@ def run_server(service: Service, host: str = "127.0.0.1", port: int = 8000, log_
         ready(sock.getsockname()[1])
     # uvicorn re-raises the SIGINT/SIGTERM it caught once it has shut down; these handlers take
     # that re-raise, so the shutdown finishes here (service closed, log flushed) and not by signal
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # (uvicorn handles no signals elsewhere)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         server.run(sockets=[sock])
     finally:

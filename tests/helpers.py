@@ -121,3 +121,61 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
+
+
+def write_random_vision_adapter(folder: Path, base_path: str, seed: int = 0, num_layers: int = 2, rank: int = 4,
+                                scale: float = 10.0, amplitude: float = 0.2,
+                                keys: list[str] | None = None) -> Path:
+    """An mlx-vlm LoRA adapter folder for the vision model at `base_path`, with seeded random
+    lora_a / lora_b (times `amplitude`), attached and written as lora/train_vlm.py does
+    (mlx-vlm's `prepare_model_for_training` on `lora_targets`, `save_vision_adapter`)."""
+    import mlx.core as mx
+    import mlx_vlm
+    from mlx.utils import tree_flatten
+    from mlx_vlm.trainer.common.model import prepare_model_for_training
+
+    from lora.train_vlm import lora_targets, save_vision_adapter
+
+    model, _ = mlx_vlm.load(base_path)
+    prepare_model_for_training(model, train_type="lora", lora_rank=rank, lora_alpha=scale * rank,
+                               lora_dropout=0.0, target_modules=lora_targets(model, num_layers, keys),
+                               verbose=False)
+    mx.random.seed(seed)
+    weights = [(k, mx.random.normal(v.shape) * amplitude) for k, v in tree_flatten(model.trainable_parameters())]
+    model.load_weights(weights, strict=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_vision_adapter(folder, model, {"base_model_path": base_path, "seed": seed, "random": True})
+    return folder
+
+
+def flip_production_while(server: ServeProcess, advisor: str, client, n: int, workers: int) -> tuple[list, list]:
+    """Run client(0..n-1) on `workers` threads while another thread flips the advisor's
+    production alias between v2 and v1 every 50 ms through the admin API (asserting each flip
+    is accepted). Returns (the clients' results in order, the versions flipped to)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop, flips, errors = threading.Event(), [], []
+
+    def flipper():
+        i = 0
+        while not stop.is_set():
+            status, body = server.call("POST", f"/admin/advisors/{advisor}/activate", {"version": ("v2", "v1")[i % 2]},
+                                       token=server.token)
+            if status != 200:
+                errors.append(body)
+            flips.append(body.get("version"))
+            i += 1
+            time.sleep(0.05)
+
+    t = threading.Thread(target=flipper)
+    t.start()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(client, range(n)))
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    return results, flips

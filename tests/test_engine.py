@@ -1,16 +1,19 @@
-"""The model worker's scheduling on a tiny llama: requests for the running version join its
-batch between decode steps (continuous batching) and still answer exactly what they answer
-alone; a request for another version closes admission after `max_wait_s` and is served once
-the batch drains; controls wait for the batch too."""
+"""The model worker on a tiny llama: LoRA versions in slots of one model, requests of any
+version joining one running batch between decode steps (continuous, mixed-version batching)
+and still answering exactly what they answer alone; a slot's logits bit-identical to a fresh
+`mlx_lm.load(base, adapter_path)`; refusals that change nothing; controls waiting for the
+batch."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
-from mondrian.engine import ModelWorker
+from mondrian.engine import EngineError, ModelWorker
 from tests.helpers import write_random_adapter
 
 ADV = "fit-query"
@@ -32,72 +35,119 @@ class Slow:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory, tiny_llama):
+def adapters(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("engine")
-    w = ModelWorker("tiny", tiny_llama.path, tiny_llama.fingerprint, max_batch=4, max_wait_s=0.0)
+    return {  # v3: another rank and more layers, so slots of different shapes share a batch
+        "v1": write_random_adapter(tmp / "v1", str(tiny_llama.path), seed=1, amplitude=0.2),
+        "v2": write_random_adapter(tmp / "v2", str(tiny_llama.path), seed=2, amplitude=0.2),
+        "v3": write_random_adapter(tmp / "v3", str(tiny_llama.path), seed=3, amplitude=0.2, num_layers=3,
+                                   lora={"rank": 8, "scale": 10.0, "dropout": 0.0}),
+    }
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_llama, adapters):
+    w = ModelWorker("tiny", tiny_llama.path, tiny_llama.fingerprint, max_batch=4)
     w.wait_ready(120)
-    for seed, v in ((1, "v1"), (2, "v2")):
-        w.load(ADV, v, write_random_adapter(tmp / v, str(tiny_llama.path), seed=seed, amplitude=0.2))
+    for v, path in adapters.items():
+        w.load(ADV, v, path)
     yield w
     w.close()
 
 
+def eos(worker) -> list[int]:
+    return sorted(worker.tokenizer.eos_token_ids)
+
+
 def alone(worker, key, prompt, max_tokens):
     """The answer of one request with nothing else in the queue."""
-    return worker.submit(key, prompt, max_tokens, Slow(sorted(worker.tokenizer.eos_token_ids), 0)).result(60)
+    return worker.submit(key, prompt, max_tokens, Slow(eos(worker), 0)).result(60)
 
 
-def wait_running(fut_pending, worker, timeout=30):
-    """Until the worker has opened a batch (the first request is decoding)."""
+def wait_running(fut, worker, timeout=30):
+    """Until the worker has taken the request into a batch (it is decoding)."""
     deadline = time.time() + timeout
     while worker._queue.qsize() and time.time() < deadline:
         time.sleep(0.005)
     time.sleep(0.1)
-    assert not fut_pending.done(), "the long request finished before the test could join it"
+    assert not fut.done(), "the long request finished before the test could join it"
 
 
-def test_requests_join_the_running_batch_and_answer_as_alone(worker):
-    eos = sorted(worker.tokenizer.eos_token_ids)
-    key = (ADV, "v1")
-    solo = [alone(worker, key, p, 12).generation.text for p in PROMPTS[1:]]
-    worker.max_wait_s = 60.0
-    try:
-        long = worker.submit(key, PROMPTS[0], 200, Slow(eos))
-        wait_running(long, worker)
-        late = [worker.submit(key, p, 12, Slow(eos, 0)) for p in PROMPTS[1:]]
-        answers = [f.result(60) for f in late]
-        first = long.result(60)
-    finally:
-        worker.max_wait_s = 0.0
-    assert [a.generation.text for a in answers] == solo  # joining a batch changes no answer
-    assert all(a.batch_size == 4 and a.version == "v1" for a in answers)
-    assert first.batch_size == 4 and first.generation.tokens == 200
+def test_slot_logits_are_bit_identical_to_mlx_lm_load(worker, adapters, tiny_llama):
+    from mlx_lm import load
+
+    prompt = mx.array([PROMPTS[3]])
+    for v in ("v1", "v3", None):
+        fresh, _ = load(str(tiny_llama.path), adapter_path=str(adapters[v]) if v else None)
+        want = np.array(fresh(prompt))
+        slot = worker.versions[(ADV, v)].slot if v else 0
+        got = worker.call(lambda w, s=slot: np.array(_logits(w, s, prompt)))
+        assert np.array_equal(got, want), (v, float(np.abs(got - want).max()))
 
 
-def test_other_version_closes_admission_and_goes_next(worker):
-    eos = sorted(worker.tokenizer.eos_token_ids)
-    v1, v2 = (ADV, "v1"), (ADV, "v2")
-    solo_v2 = alone(worker, v2, PROMPTS[1], 10).generation.text
-    solo_v1 = alone(worker, v1, PROMPTS[2], 10).generation.text
-    done_at = {}
-    long = worker.submit(v1, PROMPTS[0], 60, Slow(eos))
+def _logits(w, slot, prompt):
+    with w.rows.use([slot]):
+        return w.model(prompt)
+
+
+def test_mixed_version_batch_answers_as_each_version_alone(worker):
+    keys = [(ADV, "v1"), (ADV, "v2"), (ADV, "v3"), None]
+    solo = {(k, i): alone(worker, k, p, 12).generation.text for k in keys for i, p in enumerate(PROMPTS)}
+    assert len({solo[(k, 0)] for k in keys}) == 4  # every version answers differently: a mix-up would show
+    before = worker.stats()["mixed_version_calls"]
+    long = worker.submit(keys[0], PROMPTS[0], 150, Slow(eos(worker)))
     wait_running(long, worker)
-    other = worker.submit(v2, PROMPTS[1], 10, Slow(eos, 0))
-    time.sleep(0.05)
-    same = worker.submit(v1, PROMPTS[2], 10, Slow(eos, 0))  # arrives after v2 has waited max_wait_s (0)
-    for name, f in (("long", long), ("other", other), ("same", same)):
-        f.add_done_callback(lambda _f, n=name: done_at.setdefault(n, time.perf_counter()))
-    a_long, a_other, a_same = long.result(60), other.result(60), same.result(60)
-    assert done_at["long"] < done_at["other"] < done_at["same"]  # v1 drained, then v2, then v1 again
-    assert a_long.batch_size == 1 and a_same.batch_size == 1  # the late v1 request did not join
-    assert (a_other.version, a_other.generation.text) == ("v2", solo_v2)
-    assert (a_same.version, a_same.generation.text) == ("v1", solo_v1)
+    jobs = [(k, i, worker.submit(k, p, 12, Slow(eos(worker), 0))) for k in keys for i, p in enumerate(PROMPTS)]
+    for k, i, fut in jobs:
+        a = fut.result(60)
+        assert (a.version, a.generation.text) == ((k[1] if k else None), solo[(k, i)]), (k, i)
+    assert any(fut.result().batch_size == 4 for *_, fut in jobs)  # rows of several versions decoded together
+    assert long.result(60).generation.tokens == 150
+    assert worker.stats()["mixed_version_calls"] > before
 
 
 def test_controls_wait_for_the_running_batch(worker):
-    eos = sorted(worker.tokenizer.eos_token_ids)
-    long = worker.submit((ADV, "v1"), PROMPTS[0], 40, Slow(eos))
+    long = worker.submit((ADV, "v1"), PROMPTS[0], 40, Slow(eos(worker)))
     wait_running(long, worker)
-    seen = worker.call(lambda w: (long.done(), w.active))  # runs only once the batch drained
-    assert seen == (True, (ADV, "v1"))
+    seen = worker.call(lambda w: long.done())  # runs only once the batch drained
+    assert seen is True
     assert long.result(1).generation.tokens == 40
+
+
+def test_refused_versions_change_nothing(worker, adapters, tmp_path):
+    before = alone(worker, (ADV, "v2"), PROMPTS[1], 10).generation.text
+    slots = {k: v.slot for k, v in worker.versions.items()}
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    (nan / "adapter_config.json").write_text((adapters["v1"] / "adapter_config.json").read_text())
+    w = mx.load(str(adapters["v1"] / "adapters.safetensors"))
+    mx.save_safetensors(str(nan / "adapters.safetensors"), {k: v * float("nan") for k, v in w.items()})
+    with pytest.raises(EngineError, match="not finite"):
+        worker.load(ADV, "v2", nan)  # a reload of v2 with NaN weights: refused, v2 keeps its own
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    cfg = json.loads((adapters["v1"] / "adapter_config.json").read_text())
+    (shapes / "adapter_config.json").write_text(json.dumps(cfg))
+    first = sorted(w)[0]
+    mx.save_safetensors(str(shapes / "adapters.safetensors"), {**w, first: mx.zeros((3, 3))})
+    with pytest.raises(EngineError, match=f"wrong shapes: {first.rsplit('.', 1)[0]}"):
+        worker.load(ADV, "v9", shapes)
+    mx.save_safetensors(str(shapes / "adapters.safetensors"), {**w, "model.layers.0.mlp.gate_proj.lora_a": w[first]})
+    with pytest.raises(EngineError, match="tensors with no LoRA layer: model.layers.0.mlp.gate_proj.lora_a"):
+        worker.load(ADV, "v9", shapes)
+    mx.save_safetensors(str(shapes / "adapters.safetensors"), {k: v for k, v in w.items() if k != first})
+    with pytest.raises(EngineError, match=f"LoRA layers with no tensor: {first}"):
+        worker.load(ADV, "v9", shapes)
+    assert {k: v.slot for k, v in worker.versions.items()} == slots
+    assert alone(worker, (ADV, "v2"), PROMPTS[1], 10).generation.text == before
+
+
+def test_unload_frees_the_slot_and_unknown_versions_fail(worker, adapters):
+    answer = alone(worker, (ADV, "v1"), PROMPTS[2], 10).generation.text
+    slot = worker.versions[(ADV, "v1")].slot
+    assert worker.unload(ADV, "v1")
+    with pytest.raises(EngineError, match="v1 is not loaded"):
+        alone(worker, (ADV, "v1"), PROMPTS[2], 10)
+    again = worker.load(ADV, "v1", adapters["v1"])
+    assert again.slot == slot  # the freed slot is reused
+    assert alone(worker, (ADV, "v1"), PROMPTS[2], 10).generation.text == answer
