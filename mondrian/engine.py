@@ -34,8 +34,6 @@ from mondrian.generation import Decoder, Generation, chat_prompt, generate_batch
 from mondrian.lora_slots import RowSlots, SlotLoRALinear
 
 SMOKE_PROMPT = [{"role": "user", "content": "hello"}]
-
-
 THREADS = {"started": False}  # whether a worker thread ran MLX in this process (see cli.main)
 
 
@@ -45,8 +43,8 @@ class EngineError(ValueError):
 
 @dataclass(frozen=True)
 class LoraLayout:
-    """What `linear_to_lora_layers` was called with: versions with the same layout swap by
-    weights alone."""
+    """What `linear_to_lora_layers` was called with: which Linear layers get LoRA (the last
+    `num_layers` blocks, -1 = all; `keys` or every Linear there) and the rank."""
 
     num_layers: int
     rank: int
@@ -72,7 +70,7 @@ class Answer:
     """What the worker returns for one request."""
 
     generation: Generation
-    version: str | None  # the version that was active while decoding; None = the base model
+    version: str | None  # the version the answer was decoded with; None = the base model
     prompt_tokens: int
     queue_s: float
     batch_size: int
