@@ -319,10 +319,10 @@ class Service:
         if vision and image is None:
             raise ServiceError(400, f"advisor {advisor} takes an image: upload it as the multipart field 'image' "
                                     "(or an image_url data URL in a chat message)")
-        if not vision and image is not None:
-            _image_sha256(image)  # corrupt bytes get their own 400 first
+        # decoding checks the image off the event loop (a large one takes a while)
+        image_sha256 = await asyncio.to_thread(_image_sha256, image) if image is not None else None
+        if not vision and image is not None:  # corrupt bytes got their own 400 first
             raise ServiceError(400, f"advisor {advisor} takes text; send the question as 'text', not an image")
-        image_sha256 = _image_sha256(image) if vision else None
         text = text or ""
         if not isinstance(text, str) or (not vision and not text.strip()):
             raise ServiceError(400, "the input text is empty")
@@ -383,7 +383,7 @@ class Service:
             "sticky_key": sticky_key, "shadow_of": None, "status": status,
             "contract_ok": None if ans is None else int(bool(ok)), "fallback": fallback,
             "fallback_reason": fallback_reason, "error": error, "latency_ms": latency_ms,
-            "queue_ms": ans.queue_s * 1000 if ans else None, "prompt_tokens": ans.prompt_tokens if ans else None,
+            "queue_ms": ans.queue_s * 1000 if ans else None, "prompt_tokens": ans.prompt_tokens if ans else (None if vision else len(prompt)),
             "completion_tokens": final.generation.tokens if final is not None else None,
         }
         if plan.shadow and pin is None:
