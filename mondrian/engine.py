@@ -49,7 +49,6 @@ class LoraLayout:
     num_layers: int
     rank: int
     keys: tuple[str, ...] | None
-    fine_tune_type: str = "lora"
 
 
 @dataclass

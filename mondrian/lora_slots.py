@@ -89,9 +89,6 @@ class SlotLoRALinear(nn.Module):
             self._slots[slot] = _Slot(a, b, scale)
         object.__setattr__(self, "_stack", None)
 
-    def slots(self) -> set[int]:
-        return set(self._slots)
-
     def _stacked(self, n_slots: int) -> tuple[mx.array, mx.array, mx.array]:
         """All slots' tensors stacked, zero-padded to the largest rank (built once per change)."""
         stack = self._stack

@@ -42,7 +42,7 @@ from mondrian.engine import (
     ModelThread,
     read_adapter,
 )
-from mondrian.generation import Generation
+from mondrian.generation import Generation, lora_layers
 
 SMOKE_TOKENS = 4
 SMOKE_IMAGE_SIZE = 56  # the tiny Qwen2-VL processor's minimum (56 x 56 pixels)
@@ -84,7 +84,6 @@ class VisionWorker(ModelThread):
         self.name, self.path, self.fingerprint = name, Path(path), fingerprint
         self.max_versions = max_versions
         self.versions: dict[tuple[str, str], LoadedVersion] = {}
-        self._weights: dict[tuple[str, str], list] = {}  # (name, mx.array) pairs per version: a swap copies nothing
         self.active: tuple[str, str] | None = None
         self.layout: LoraLayout | None = None
         self.swaps = 0
@@ -248,8 +247,7 @@ class VisionWorker(ModelThread):
 
     def _lora_modules(self) -> list:
         if self._lora_cache is None:
-            self._lora_cache = [m for _, m in self.model.named_modules()
-                                if hasattr(m, "lora_a") and hasattr(m, "scale")]
+            self._lora_cache = lora_layers(self.model)
         return self._lora_cache
 
     def _unwrap(self) -> None:
@@ -303,7 +301,9 @@ class VisionWorker(ModelThread):
             try:
                 if v.layout != self.layout:
                     self._install(v.layout, f"{key[0]} {key[1]}")
-                self.model.load_weights(self._weights[key], strict=False)
+                # the version's own arrays, kept in memory: a swap copies nothing
+                self.model.load_weights([(f"{name}.lora_{ab}", t) for name, pair in v.pairs.items()
+                                         for ab, t in zip("ab", pair, strict=True)], strict=False)
             except BaseException:  # half swapped: serve the base model until the next activation
                 for m in self._lora_modules():
                     m.scale = 0.0
@@ -317,7 +317,6 @@ class VisionWorker(ModelThread):
     def _unload(self, key: tuple[str, str]) -> bool:
         if self.versions.pop(key, None) is None:
             return False
-        self._weights.pop(key, None)
         if self.active == key:
             self._activate(None, force=True)
         return True
@@ -347,11 +346,11 @@ class VisionWorker(ModelThread):
         config, arrays, layout, scale = read_adapter(path, where)
         self._check_base_quantization(config, where)
         previous_active, previous_layout = self.active, self.layout
-        replaced = self.versions.get(key), self._weights.get(key)
+        replaced = self.versions.get(key)
         # A slot number per version (0 = the base), as the text engine reports them; here it is
         # a name only: one version is active at a time.
         used = {v.slot for k, v in self.versions.items() if k != key}
-        slot = replaced[0].slot if replaced[0] else next(s for s in range(1, len(used) + 2) if s not in used)
+        slot = replaced.slot if replaced else next(s for s in range(1, len(used) + 2) if s not in used)
         try:
             if layout != self.layout:
                 self._install(layout, where)
@@ -359,22 +358,20 @@ class VisionWorker(ModelThread):
             pairs = {k.removesuffix(".lora_a"): (v, arrays[k.removesuffix("a") + "b"])
                      for k, v in arrays.items() if k.endswith(".lora_a")}
             loaded = LoadedVersion(advisor, version, path, layout, scale, slot, pairs)
-            self.versions[key], self._weights[key] = loaded, list(arrays.items())
+            self.versions[key] = loaded
             self._activate(key, force=True)
             loaded.smoke = self._smoke(where)
         except BaseException:
-            if replaced[0] is not None:
-                self.versions[key], self._weights[key] = replaced
+            if replaced is not None:
+                self.versions[key] = replaced
             else:
                 self.versions.pop(key, None)
-                self._weights.pop(key, None)
             self._restore(previous_active, previous_layout)
             raise
         self._restore(previous_active, previous_layout)
         while len(self.versions) > self.max_versions:  # forget the oldest loaded, never the active
             oldest = min((k for k in self.versions if k != self.active), key=lambda k: self.versions[k].loaded_at)
             del self.versions[oldest]
-            self._weights.pop(oldest, None)
         return loaded
 
     def _check_tensors(self, arrays: dict, where: str) -> None:
