@@ -29,13 +29,13 @@ data: setup
 
 # fit-query on SmolLM2-135M; each run gets its own folder (runs are resumable with --resume).
 train: data
-	$(VENV)/bin/mondrian train --config lora/configs/fit-query.yaml \
+	$(VENV)/bin/mondrian train --config lora/fit-query.yaml \
 	    --adapter-path workspace/runs/fit-query-$$(date +%Y%m%d-%H%M%S)
 	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
 
 # The quality run for the issue-5 targets: all layers, attention + MLP, 600 steps (~1 h on 2 cores).
 train-full: data
-	$(VENV)/bin/mondrian train --config lora/configs/fit-query-full.yaml \
+	$(VENV)/bin/mondrian train --config lora/fit-query-full.yaml \
 	    --adapter-path workspace/runs/fit-query-full-$$(date +%Y%m%d-%H%M%S)
 	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
 
@@ -53,6 +53,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) scripts/bench_blas.py

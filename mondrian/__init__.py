@@ -3,7 +3,7 @@
 import os as _os
 
 # Order matters: OpenBLAS must be loaded before anything imports mlx.core.
-from mondrian import blas as _blas
+from mondrian.core import blas as _blas
 
 _blas.preload()
 

@@ -23,7 +23,7 @@ import json, sys, time
 import mondrian
 import mlx.core as mx
 sizes, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
-out = {"blas": mondrian.blas.status().to_dict(), "gflops": {}}
+out = {"blas": mondrian.core.blas.status().to_dict(), "gflops": {}}
 for n in sizes:
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a, b, a @ b)  # warm-up

@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 import mondrian  # noqa: F401  (BLAS preload before anything imports mlx)
-from lora.fitquery_questions import generate
-from lora.link import link_workspace
-from mondrian.db import create_jobs_table, open_db
-from mondrian.workspace import load_workspace
+from mondrian.core.db import create_jobs_table, open_db
+from mondrian.core.workspace import load_workspace
+from mondrian.demo.questions import generate
+from mondrian.link.linker import link_workspace
 
 CRITIQUE = {"dominant_color": "white", "primary_colors": ["blue", "red"], "block_count": 6,
             "balance": "balanced", "composition_score": 7.5, "color_score": 6.0,

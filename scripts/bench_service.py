@@ -22,7 +22,7 @@ medians reported, so machine drift and other load hit both alike):
    between the two servers. ratio = p50 on / p50 off (target <= 1.02).
 
 Adapters: two random LoRA adapters for the model (`tests.helpers.write_random_adapter`, the
-layout of lora/configs/fit-query.yaml on smollm2), or `--adapter PATH` (a trained one: v2 is
+layout of lora/fit-query.yaml on smollm2), or `--adapter PATH` (a trained one: v2 is
 then the same adapter with lora_b halved), published into a temporary registry so loading
 goes through the real path (checksums, fingerprint, shape checks, smoke generation).
 
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))  # tests.helpers: the adapter writer and the serve
 from tests.helpers import ServeProcess, write_random_adapter  # noqa: E402
 
 TARGETS = {"swap_ratio_min": 100.0, "throughput_ratio_min": 0.8, "recording_ratio_max": 1.02}
-# adapter layout per model: lora/configs/fit-query.yaml on smollm2, the tests' layout on tiny
+# adapter layout per model: lora/fit-query.yaml on smollm2, the tests' layout on tiny
 LAYOUTS = {"smollm2-135m": {"num_layers": 16, "lora": {"rank": 8, "scale": 20.0, "dropout": 0.0}},
            "tiny:llama": {"num_layers": 2, "lora": {"rank": 4, "scale": 10.0, "dropout": 0.0}}}
 
@@ -69,7 +69,7 @@ def machine() -> dict:
 
     return {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
             "python": platform.python_version(), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
-            "blas": mondrian.blas.status().to_dict(), "loadavg_at_start": list(os.getloadavg())}
+            "blas": mondrian.core.blas.status().to_dict(), "loadavg_at_start": list(os.getloadavg())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def make_registry(card, spec: str, tmp: Path, adapter: str | None) -> tuple[Path
     """Publish v1 and v2 for `card` into a fresh registry; production -> v1."""
     import mlx.core as mx
 
-    from mondrian.registry import Registry
+    from mondrian.registry.store import Registry
 
     layout = LAYOUTS.get(spec, LAYOUTS["smollm2-135m"])
     if adapter:
@@ -123,8 +123,8 @@ def bench_swap(card, reg_root: Path, prompt_msgs: list[dict], rounds: int, swaps
     import numpy as np
     from mlx_lm import load
 
-    from mondrian.engine import ModelWorker
-    from mondrian.registry import Registry
+    from mondrian.registry.store import Registry
+    from mondrian.serve.engine import ModelWorker
 
     reg = Registry(reg_root)
     worker = ModelWorker(card.name, card.path, card.fingerprint)
@@ -238,7 +238,7 @@ def write_routing(path: Path, spec: str, max_tokens: int, arms: list[dict]) -> N
 def even_users(n: int) -> list[str]:
     """n user ids, alternating control / candidate under the 1:1 plan (assignment is a pure
     function of advisor and user id)."""
-    from mondrian.routing import Plan, ResolvedArm
+    from mondrian.serve.routing import Plan, ResolvedArm
 
     plan = Plan(ADV, (ResolvedArm("control", "v1", "v1", 1), ResolvedArm("candidate", "v2", "v2", 1)),
                 None, "user", "none", None, 8)
@@ -297,7 +297,7 @@ def bench_throughput(card, spec: str, reg_root: Path, tmp: Path, questions: list
     import mlx.core as mx
     from mlx_lm import load
 
-    from mondrian.generation import chat_prompt
+    from mondrian.models.generation import chat_prompt
 
     routing = tmp / "routing.yaml"
     two = [{"name": "control", "version": "v1", "weight": 1}, {"name": "candidate", "version": "v2", "weight": 1}]
@@ -458,7 +458,7 @@ def bench_recording(spec: str, reg_root: Path, tmp: Path, questions: list[str], 
 
 def commit_cost(tmp: Path, n: int) -> float:
     """Median seconds to validate, insert and commit one served row with `RequestLog`, alone."""
-    from mondrian.requests_log import RequestLog, now_iso
+    from mondrian.serve.requests_log import RequestLog, now_iso
 
     row = {"advisor": ADV, "endpoint": "analyze", "arm": "control", "assigned_version": "v1", "served_version": "v1",
            "base_model": "m", "base_fingerprint": "0" * 64, "routing_id": "r" * 16, "sticky_key": "k" * 64,
@@ -499,9 +499,9 @@ def main() -> None:
     max_tokens = args.max_tokens or (16 if q else 32)
     parts = set(args.parts.split(","))
 
-    from lora.fitquery_questions import generate
-    from lora.models import resolve
-    from mondrian.contracts import get_advisor
+    from mondrian.core.contracts import get_advisor
+    from mondrian.demo.questions import generate
+    from mondrian.models.sources import resolve
 
     card = resolve(args.model)
     system = get_advisor(ADV).system_prompt

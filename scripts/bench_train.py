@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import mondrian
-from lora.models import resolve
-from mondrian.runs import RunStore
+from mondrian.models.sources import resolve
+from mondrian.train.runs import RunStore
 
 SETUPS = {
     "tiny": {"model": "tiny:llama", "num_layers": 6, "batch_size": 8, "iters": 60,
@@ -43,11 +43,11 @@ COMMON = {"lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}, "mask_p
 def workspace_dataset(root: Path) -> Path:
     data = root / "datasets" / "fit-query"
     if not (data / "train.jsonl").exists():
-        from lora.dataset import build_dataset
-        from lora.demo_workspace import write_demo_workspace
-        from lora.link import link_workspace
-        from mondrian.contracts import get_advisor
-        from mondrian.workspace import load_workspace
+        from mondrian.core.contracts import get_advisor
+        from mondrian.core.workspace import load_workspace
+        from mondrian.dataset.build import build_dataset
+        from mondrian.demo.workspace import write_demo_workspace
+        from mondrian.link.linker import link_workspace
 
         write_demo_workspace(root, overwrite=True)
         ws = load_workspace(root)
@@ -57,7 +57,7 @@ def workspace_dataset(root: Path) -> Path:
 
 
 def run_ours(setup: dict, data: Path, tmp: Path) -> dict:
-    from lora.train import TrainConfig, train
+    from mondrian.train.text import TrainConfig, train
 
     cfg = TrainConfig(**(COMMON | setup), data=str(data), adapter_path=str(tmp / "ours"),
                       steps_per_eval=10_000, val_batches=1, save_every=10_000, db=str(tmp / "runs.db"))
@@ -79,7 +79,7 @@ def run_peer(setup: dict, data: Path, model_path: str, tmp: Path) -> dict:
                             "train": True, "steps_per_eval": 10_000, "val_batches": 1, "save_every": 10_000}
     (tmp / "peer.yaml").write_text(json.dumps(cfg))
     env = dict(os.environ)
-    st = mondrian.blas.status()
+    st = mondrian.core.blas.status()
     if st.backend == "openblas":
         env["LD_PRELOAD"] = st.path
     env["HF_HUB_OFFLINE"] = "1"
@@ -122,7 +122,7 @@ def main() -> None:
               f"mondrian effective (non-pad) tokens/s {ours['tokens_per_s']:.0f})")
     out = {"benchmark": "bench_train", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
-           "blas": mondrian.blas.status().to_dict(), "results": results}
+           "blas": mondrian.core.blas.status().to_dict(), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"written to {args.out}")

@@ -22,7 +22,7 @@ def mondrian_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(mondrian_home):
     """The embedded default, imported from the wheel's GGUF (a few seconds, once)."""
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     return resolve("smollm2-135m")
 
@@ -36,6 +36,6 @@ def smollm2_loaded(smollm2):
 
 @pytest.fixture(scope="session")
 def tiny_llama(mondrian_home):
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     return resolve("tiny:llama")

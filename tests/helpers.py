@@ -19,11 +19,11 @@ def run_cli(*args: str, env: dict | None = None, **kw):
 
 def pipeline_dataset(root: Path, advisor: str, **demo) -> Path:
     """The real data pipeline in small: demo workspace -> link -> dataset; returns the dataset."""
-    from lora.dataset import build_dataset
-    from lora.demo_workspace import write_demo_workspace
-    from lora.link import link_workspace
-    from mondrian.contracts import get_advisor
-    from mondrian.workspace import load_workspace
+    from mondrian.core.contracts import get_advisor
+    from mondrian.core.workspace import load_workspace
+    from mondrian.dataset.build import build_dataset
+    from mondrian.demo.workspace import write_demo_workspace
+    from mondrian.link.linker import link_workspace
 
     write_demo_workspace(root, **demo)
     ws = load_workspace(root)
@@ -127,14 +127,14 @@ def write_random_vision_adapter(folder: Path, base_path: str, seed: int = 0, num
                                 scale: float = 10.0, amplitude: float = 0.2,
                                 keys: list[str] | None = None) -> Path:
     """An mlx-vlm LoRA adapter folder for the vision model at `base_path`, with seeded random
-    lora_a / lora_b (times `amplitude`), attached and written as lora/train_vlm.py does
+    lora_a / lora_b (times `amplitude`), attached and written as mondrian/train/vision.py does
     (mlx-vlm's `prepare_model_for_training` on `lora_targets`, `save_vision_adapter`)."""
     import mlx.core as mx
     import mlx_vlm
     from mlx.utils import tree_flatten
     from mlx_vlm.trainer.common.model import prepare_model_for_training
 
-    from lora.train_vlm import lora_targets, save_vision_adapter
+    from mondrian.train.vision import lora_targets, save_vision_adapter
 
     model, _ = mlx_vlm.load(base_path)
     prepare_model_for_training(model, train_type="lora", lora_rank=rank, lora_alpha=scale * rank,

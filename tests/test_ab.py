@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats as sps
 
-from mondrian.ab import ab_report, format_report, normalize_since
+from mondrian.ab.report import ab_report, format_report, normalize_since
 from mondrian.cli import cli
-from mondrian.db import DBError
-from mondrian.requests_log import COLUMNS, create_tables, record_routing
-from mondrian.stats import chi2_sf, srm_chi2, two_proportion_ztest, wilson_interval
+from mondrian.core.db import DBError
+from mondrian.evaluate.stats import chi2_sf, srm_chi2, two_proportion_ztest, wilson_interval
+from mondrian.serve.requests_log import COLUMNS, create_tables, record_routing
 
 FIFTY_FIFTY = {"arms": [{"name": "control", "version": "v1", "weight": 50},
                         {"name": "treatment", "version": "v2", "weight": 50}],
@@ -21,7 +21,7 @@ FIFTY_FIFTY = {"arms": [{"name": "control", "version": "v1", "weight": 50},
 
 
 class Log:
-    """Rows written straight into a real SQLite file (the schema of mondrian.requests_log)."""
+    """Rows written straight into a real SQLite file (the schema of mondrian.serve.requests_log)."""
 
     def __init__(self, path):
         self.path = path

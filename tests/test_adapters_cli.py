@@ -78,7 +78,7 @@ def test_eval_a_published_version(trained_run, tmp_path):
     summary = json.loads(res.output)
     assert summary["rows"] == 6 and {"base", "adapter"} <= set(summary)
     assert (Path(summary["out_dir"]) / "report.md").is_file()
-    from mondrian.runs import RunStore
+    from mondrian.train.runs import RunStore
 
     store = RunStore(root / "mondrian.db")
     run = store.get(summary["run_id"])

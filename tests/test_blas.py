@@ -4,7 +4,7 @@ import platform
 
 import pytest
 
-from mondrian import blas
+from mondrian.core import blas
 from tests.helpers import run_cli
 
 linux = pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS preload is Linux-only")

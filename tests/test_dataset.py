@@ -1,4 +1,4 @@
-"""lora.dataset: link manifest -> leakage-free train/valid/test JSONL the peer loaders accept."""
+"""mondrian.dataset.build: link manifest -> leakage-free train/valid/test JSONL the peer loaders accept."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from lora import dataset as ds
-from lora.dataset import (
+from mondrian.core.contracts import Advisor, load_advisors
+from mondrian.dataset import build as ds
+from mondrian.dataset.build import (
     LeakageError,
     build_dataset,
     check_leakage,
@@ -20,9 +21,8 @@ from lora.dataset import (
     split_of,
     validate_ratios,
 )
-from lora.fitquery_questions import generate
-from lora.mondrian_images import generate_image
-from mondrian.contracts import Advisor, load_advisors
+from mondrian.demo.images import generate_image
+from mondrian.demo.questions import generate
 
 SPLITS = ("train", "valid", "test")
 
@@ -386,7 +386,7 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path, text_manifest, fitq):
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a dataset built by lora.dataset"):
+    with pytest.raises(ValueError, match="not a dataset built by mondrian.dataset.build"):
         build_dataset(text_manifest, fitq, foreign, None)
     assert (foreign / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="no manifest.jsonl"):
@@ -401,7 +401,7 @@ def test_image_rows_load_with_mlx_vlm(tmp_path, image_setup, critic):
     from mlx_vlm.trainer.datasets import load
     from mlx_vlm.trainer.vlm.sft.dataset import VisionDataset
 
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     root, manifest = image_setup
     vl = resolve("tiny:qwen2-vl")

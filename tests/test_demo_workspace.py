@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora import demo_workspace
-from lora.demo_workspace import REASONS, write_demo_workspace
-from lora.mondrian_images import analyze_image
-from mondrian.contracts import load_advisors
-from mondrian.db import JOB_COLUMNS, open_db, read_jobs
-from mondrian.workspace import load_workspace
+from mondrian.core.contracts import load_advisors
+from mondrian.core.db import JOB_COLUMNS, open_db, read_jobs
+from mondrian.core.workspace import load_workspace
+from mondrian.demo import workspace as demo_workspace
+from mondrian.demo.images import analyze_image
+from mondrian.demo.workspace import REASONS, write_demo_workspace
 
 SMALL = {"n_fit": 300, "n_photo": 60, "image_size": 64}
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mondrian.engine import EngineError, ModelWorker
+from mondrian.serve.engine import EngineError, ModelWorker
 from tests.helpers import write_random_adapter
 
 ADV = "fit-query"

@@ -1,4 +1,4 @@
-"""lora.evaluate / mondrian.stats: metrics on hand-made answers, paired statistics against scipy,
+"""mondrian.evaluate.run / mondrian.evaluate.stats: metrics on hand-made answers, paired statistics against scipy,
 critical cases with a stub model, and the real thing end to end on the tiny llama with a LoRA
 adapter (scale 0 == base logits bit for bit, batched == one-at-a-time greedy, report files,
 the eval run in SQLite, JSON-Schema-constrained decoding)."""
@@ -11,11 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lora import evaluate as ev
-from mondrian import generation as gen
-from mondrian import stats
-from mondrian.contracts import get_advisor
-from mondrian.runs import RunStore
+from mondrian.core.contracts import get_advisor
+from mondrian.evaluate import run as ev
+from mondrian.evaluate import stats
+from mondrian.models import generation as gen
+from mondrian.train.runs import RunStore
 
 FIT = get_advisor("fit-query")
 
@@ -154,7 +154,7 @@ def test_small_helpers():
 
 
 def test_critical_cases_are_the_generators_phrases():
-    from lora.fitquery_questions import (
+    from mondrian.demo.questions import (
         PLACES,
         capacity_min,
         compose,
@@ -250,7 +250,7 @@ def tiny_setup(tiny_llama, tmp_path_factory):
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from lora.fitquery_questions import generate
+    from mondrian.demo.questions import generate
 
     root = tmp_path_factory.mktemp("evaluate")
     adapter = root / "adapter"
@@ -344,7 +344,7 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny_setup, tmp_path):
     metrics = {n: v for _, n, v in store.metrics(report.run_id)}
     steps = {s for s, _, _ in store.metrics(report.run_id)}
     store.close()
-    from mondrian.fingerprint import file_sha256
+    from mondrian.core.fingerprint import file_sha256
 
     assert run["kind"] == "eval" and run["status"] == "completed" and run["advisor"] == "fit-query"
     assert run["dataset_fingerprint"] == file_sha256(data / "test.jsonl")
@@ -371,7 +371,7 @@ def test_evaluate_refuses_what_it_cannot_do(tiny_setup, tmp_path):
 
 def test_constrained_decoding_makes_a_random_model_write_the_contract(tiny_loaded, tmp_path):
     """llguidance's mask through numpy + mx.where: even random weights write valid objects."""
-    from mondrian.contracts import Advisor, load_advisor
+    from mondrian.core.contracts import Advisor, load_advisor
 
     model, tok = tiny_loaded
     schema = {"type": "object", "additionalProperties": False, "required": ["kind", "ok"],
@@ -409,7 +409,7 @@ def test_evaluate_constrained_arms(tiny_setup, tmp_path):
 
 
 def _answers_and_breakers() -> tuple[list[dict], list[dict]]:
-    from lora.fitquery_questions import generate
+    from mondrian.demo.questions import generate
 
     good = [ex.answer for ex in generate(300, seed=5)]
     bad = [{"query_type": "fit_rate"}, {"query_type": "comparison", "technology": "Wind"},

@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
-from lora import fitquery_questions as fq
-from lora.fitquery_questions import (
+from mondrian.core.contracts import Advisor, load_advisors
+from mondrian.demo import questions as fq
+from mondrian.demo.questions import (
     CATEGORIES,
     PLACES,
     TECHNOLOGY_SYNONYMS,
@@ -26,7 +27,6 @@ from lora.fitquery_questions import (
     technologies,
     technology,
 )
-from mondrian.contracts import Advisor, load_advisors
 
 YORKSHIRE = ["YO", "HU", "DN", "HD", "WF", "LS", "BD"]
 

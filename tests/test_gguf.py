@@ -8,8 +8,8 @@ import sys
 import mlx.core as mx
 import pytest
 
-from lora.gguf import GGUFError, import_gguf
-from lora.models import ModelError, import_gguf_model, models_dir, resolve
+from mondrian.models.gguf import GGUFError, import_gguf
+from mondrian.models.sources import ModelError, import_gguf_model, models_dir, resolve
 from tests.gguf_writer import write_gguf
 
 TEXTS = ["wind sites over 100kw in berkshire", "Größe: 1.5 MW — £20, 東京!", '{"a": [1, 2.5]}\n\tend']
@@ -100,7 +100,7 @@ def test_unsupported_architecture_and_tokenizer_named(tiny_llama, tmp_path):
 FUZZ = r"""
 import random, sys, pathlib
 import mondrian
-from lora.gguf import GGUFError, import_gguf
+from mondrian.models.gguf import GGUFError, import_gguf
 src = pathlib.Path(sys.argv[1]).read_bytes()
 out = pathlib.Path(sys.argv[2])
 rng = random.Random(0)

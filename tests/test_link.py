@@ -8,12 +8,12 @@ import sqlite3
 import pytest
 from PIL import Image
 
-from lora.link import REASONS, link_workspace
-from lora.mondrian_images import generate_image
-from mondrian.config import ConfigError
-from mondrian.contracts import load_advisors
-from mondrian.db import DBError, create_jobs_table, open_db
-from mondrian.workspace import load_workspace
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import load_advisors
+from mondrian.core.db import DBError, create_jobs_table, open_db
+from mondrian.core.workspace import load_workspace
+from mondrian.demo.images import generate_image
+from mondrian.link.linker import REASONS, link_workspace
 
 FIT = {"query_type": "search", "technology": "Wind", "capacity_min_kw": 100.0,
        "postcode_patterns": ["RG", "SL"]}
@@ -174,7 +174,7 @@ def test_failed_link_keeps_the_previous_manifest(hostile, monkeypatch):
     ws, _ = hostile
     summary = link_workspace(ws, progress=False)
     before = (ws.path("manifest") / "manifest.jsonl").read_bytes()
-    from lora import link as link_mod
+    from mondrian.link import linker as link_mod
 
     def boom(self, job):
         raise RuntimeError("disk full")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora.mondrian_images import (
+from mondrian.core.contracts import Advisor, load_advisors
+from mondrian.demo.images import (
     COLORS,
     PALETTE,
     analyze_image,
@@ -15,7 +16,6 @@ from lora.mondrian_images import (
     count_blocks,
     generate_image,
 )
-from mondrian.contracts import Advisor, load_advisors
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-import lora
 import mondrian
 from tests.helpers import run_cli
 
@@ -63,7 +62,7 @@ def test_watcher_ignores_availability_probes(watched):
 
 def _modules() -> list[str]:
     names = []
-    for pkg in (mondrian, lora):
+    for pkg in (mondrian,):
         names.append(pkg.__name__)
         names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
     return names

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mondrian.fingerprint import file_sha256
-from mondrian.registry import CARD, Registry, RegistryError, check_adapter
+from mondrian.core.fingerprint import file_sha256
+from mondrian.registry.store import CARD, Registry, RegistryError, check_adapter
 from tests.helpers import LORA, ROOT, write_random_adapter
 
 ADV = "fit-query"
@@ -84,8 +84,8 @@ def test_publish_list_show_verify_and_immutability(tmp_path, run_dir, tiny_llama
 
 def test_publish_from_a_training_run_then_mlx_lm_generate(tmp_path, tiny_llama):
     """A real (4-step) training run, published from its runs row; mlx-lm's CLI loads the version."""
-    from lora.train import load_config, train
-    from mondrian.runs import RunStore
+    from mondrian.train.runs import RunStore
+    from mondrian.train.text import load_config, train
 
     data = tmp_path / "data"
     data.mkdir()
@@ -332,7 +332,7 @@ def test_kill_9_mid_publish_leaves_no_version(tmp_path, run_dir, tiny_llama):
     size = 200_000_000
     with open(big / "zz_zeros.bin", "wb") as f:
         f.truncate(size)  # sparse: instant to make, but publish copies all 200 MB
-    code = (f"from mondrian.registry import Registry; Registry({str(root)!r}).publish({str(big)!r}, "
+    code = (f"from mondrian.registry.store import Registry; Registry({str(root)!r}).publish({str(big)!r}, "
             f"{ADV!r}, base_model='tiny:llama', base_model_fingerprint={tiny_llama.fingerprint!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.time() + 60
@@ -386,7 +386,7 @@ def test_a_deleted_version_number_is_never_reused(tmp_path, run_dir, tiny_llama)
 
 def test_the_registry_does_not_import_lora_or_mlx():
     """The service imports the registry; arrows point one way (DESIGN)."""
-    code = ("import sys, mondrian.registry; bad = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, mondrian.registry.store; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('lora', 'mlx', 'mlx_lm', 'torch')]; assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

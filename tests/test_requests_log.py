@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mondrian.requests_log import (
+from mondrian.serve.requests_log import (
     COLUMNS,
     VIEWS,
     RequestLog,
@@ -41,7 +41,7 @@ def count(path, where="1") -> int:
 
 KILL_SCRIPT = r"""
 import itertools, sys, threading
-from mondrian.requests_log import RequestLog, now_iso
+from mondrian.serve.requests_log import RequestLog, now_iso
 
 log = RequestLog(sys.argv[1])
 out = threading.Lock()

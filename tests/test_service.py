@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mondrian.registry import Registry
+from mondrian.registry.store import Registry
 from tests.helpers import ServeProcess, flip_production_while, write_random_adapter
 
 ADV = "fit-query"
@@ -64,8 +64,8 @@ def reference(registry, tiny_llama) -> dict:
     leading space that the tokens have)."""
     from mlx_lm import load, stream_generate
 
-    from mondrian.contracts import get_advisor
-    from mondrian.generation import chat_prompt
+    from mondrian.core.contracts import get_advisor
+    from mondrian.models.generation import chat_prompt
 
     system = get_advisor(ADV).system_prompt
     out = {}
@@ -145,7 +145,7 @@ def test_sticky_assignment_and_weights(served):
         got = {served.ask("solar in devon", user=user)[1]["arm"] for _ in range(3)}
         assert len(got) == 1  # the same user keeps one arm
         arms[user] = got.pop()
-    from mondrian.routing import Plan, ResolvedArm
+    from mondrian.serve.routing import Plan, ResolvedArm
 
     plan = Plan(ADV, (ResolvedArm("control", None, None, 1), ResolvedArm("candidate", None, None, 1)),
                 None, "user", "none", None, 8)
@@ -332,7 +332,7 @@ def test_service_without_any_adapter(tmp_path, tiny_llama, reference):
 def test_image_helper_accepts_real_images():
     from PIL import Image
 
-    from mondrian.service import ServiceError, _image_sha256
+    from mondrian.serve.service import ServiceError, _image_sha256
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buf, "PNG")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mondrian.registry import Registry
+from mondrian.registry.store import Registry
 from tests.helpers import ServeProcess, flip_production_while, write_random_vision_adapter
 
 ADV = "photo-critic"
@@ -56,7 +56,7 @@ class Server(ServeProcess):
 
 @pytest.fixture(scope="module")
 def base(mondrian_home):
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     return resolve("tiny:qwen2-vl")
 
@@ -79,7 +79,7 @@ def reference(registry, base) -> dict:
     import mlx_vlm
     from mlx_vlm.prompt_utils import apply_chat_template
 
-    from mondrian.contracts import get_advisor
+    from mondrian.core.contracts import get_advisor
 
     messages = [{"role": "system", "content": get_advisor(ADV).system_prompt},
                 {"role": "user", "content": [{"type": "image"}]}]

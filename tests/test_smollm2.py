@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mlx_lm import generate
 
-from lora.models import ModelError, import_gguf_model, models_dir, resolve
-from mondrian import blas
+from mondrian.core import blas
+from mondrian.models.sources import ModelError, import_gguf_model, models_dir, resolve
 
 FACTS = [
     ("What is the capital of France?", "Paris"),

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from lora.models import ModelError, resolve
+from mondrian.models.sources import ModelError, resolve
 from tests.helpers import run_cli
 
 

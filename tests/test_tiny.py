@@ -1,4 +1,4 @@
-"""lora.tiny: tiny random-weight models that the real loaders accept, built offline."""
+"""mondrian.models.tiny: tiny random-weight models that the real loaders accept, built offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora import tiny
+from mondrian.models import tiny
 
 ROUND_TRIP = "Größe 1.5 MW, £20 — 東京"
 SMALL = {"hidden_size": 64, "num_layers": 2}  # for tests about files, not about the model

@@ -12,9 +12,9 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from lora.train import TrainError, load_config, train
-from mondrian.config import ConfigError
-from mondrian.runs import RunStore
+from mondrian.core.config import ConfigError
+from mondrian.train.runs import RunStore
+from mondrian.train.text import TrainError, load_config, train
 from tests.helpers import ROOT, pipeline_dataset
 
 
@@ -103,7 +103,7 @@ def test_best_adapter_and_run_record(fit_data, tmp_path):
 
 
 def _tiny_path() -> str:
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     return resolve("tiny:llama").path
 
@@ -135,7 +135,7 @@ def test_errors_before_training(fit_data, tmp_path):
 def test_tokenizer_model_mismatch_is_refused(fit_data, tmp_path, smollm2):
     import shutil
 
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     _, data = fit_data
     mixed = tmp_path / "mixed"
@@ -167,7 +167,7 @@ def test_runs_cli(fit_data, tmp_path):
 
 
 def test_validation_subset_spans_all_lengths():
-    from lora.train import Split, val_batches
+    from mondrian.train.text import Split, val_batches
 
     split = Split("valid", [[1] * n for n in range(10, 110)], [0] * 100)
     chosen = val_batches(split, batch_size=4, n=5)

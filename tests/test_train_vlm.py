@@ -14,9 +14,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lora.train import TrainConfig, TrainError
-from lora.train_vlm import _load_adapter_weights, _run, train_vision
-from mondrian.runs import RunStore
+from mondrian.train.runs import RunStore
+from mondrian.train.text import TrainConfig, TrainError
+from mondrian.train.vision import _load_adapter_weights, _run, train_vision
 from tests.helpers import pipeline_dataset
 
 
@@ -54,7 +54,7 @@ def _metrics(db: Path, run_id: str, name: str) -> list[tuple[int, float]]:
 
 
 def _db(data: Path) -> Path:
-    return data.parent.parent / "mondrian.db"  # the workspace's, as lora/train.py's _runs_db picks
+    return data.parent.parent / "mondrian.db"  # the workspace's, as mondrian/train/text.py's _runs_db picks
 
 
 def test_loss_falls_and_the_run_is_recorded(trained, vision_data):
@@ -123,7 +123,7 @@ def _logits(model, processor, data: Path) -> mx.array:
 def test_adapter_loads_with_mlx_vlm_and_is_applied(trained, vision_data):
     import mlx_vlm
 
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     cfg, _, model, processor = trained
     out, base_path = Path(cfg.adapter_path), resolve("tiny:qwen2-vl").path
@@ -184,7 +184,7 @@ def test_failed_and_interrupted_runs_are_recorded(vision_data, tmp_path, monkeyp
     import os
     import signal
 
-    from lora import train_vlm
+    from mondrian.train import vision as train_vlm
 
     real, calls = train_vlm.collate, {"n": 0, "at": 3, "do": None}
 
@@ -268,8 +268,8 @@ def test_errors_before_training(vision_data, tmp_path):
 def test_num_layers_and_keys_keep_mlx_lm_meaning():
     import mlx_vlm
 
-    from lora.models import resolve
-    from lora.train_vlm import lora_targets
+    from mondrian.models.sources import resolve
+    from mondrian.train.vision import lora_targets
 
     model, _ = mlx_vlm.load(resolve("tiny:qwen2-vl").path)
     last = lora_targets(model, 1, None)

@@ -15,8 +15,8 @@ import mlx.core as mx
 import pytest
 from PIL import Image
 
-from mondrian.engine import EngineError
-from mondrian.vision import VisionRequest, VisionWorker
+from mondrian.serve.engine import EngineError
+from mondrian.serve.vision import VisionRequest, VisionWorker
 from tests.helpers import write_random_vision_adapter
 
 MAX_TOKENS = 10
@@ -37,7 +37,7 @@ def _png(size: int, blocks: list[tuple[tuple[int, int, int, int], tuple[int, int
 
 @pytest.fixture(scope="module")
 def base(mondrian_home) -> str:
-    from lora.models import resolve
+    from mondrian.models.sources import resolve
 
     return resolve("tiny:qwen2-vl").path
 

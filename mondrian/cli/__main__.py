@@ -1,0 +1,8 @@
+"""`python -m mondrian.cli ...` runs the command line."""
+
+import sys
+
+from mondrian.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

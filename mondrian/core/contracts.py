@@ -1,0 +1,139 @@
+"""Advisor contracts: name, input kind, system prompt and the JSON Schema every answer meets.
+
+The shipped advisors live in `mondrian/advisors/*.yaml`; a user adds one by dropping a
+YAML file of the same shape into a workspace's advisors folder: no code needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import jsonschema
+
+from mondrian.core.config import ConfigError, load_yaml
+
+BUILTIN_DIR = Path(__file__).parents[1] / "advisors"
+INPUT_KINDS = ("text", "image")
+
+
+@dataclass(frozen=True)
+class Violation:
+    path: str  # JSON path of the failing field, e.g. "$.capacity_min_kw"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Advisor:
+    name: str
+    input_kind: str
+    system_prompt: str
+    schema: dict
+    source: str = ""
+    _validator: jsonschema.protocols.Validator = field(default=None, repr=False, compare=False)
+
+    @property
+    def fields(self) -> list[str]:
+        """Output fields in the order the schema lists them: the order answers are written in."""
+        return list(self.schema.get("properties", {}))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        body = json.dumps({"name": self.name, "input_kind": self.input_kind,
+                           "system_prompt": self.system_prompt, "schema": self.schema},
+                          sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def violations(self, obj) -> list[Violation]:
+        """Every way `obj` breaks the schema, deepest path first within each error."""
+        errors = sorted(self._validator.iter_errors(obj), key=lambda e: (e.json_path, e.message))
+        return [Violation(e.json_path, e.message) for e in errors]
+
+    def normalize(self, obj: dict) -> dict:
+        """Canonical form of a valid answer: schema field order, whole floats as ints."""
+        order = {k: i for i, k in enumerate(self.fields)}
+        return {k: canonical(obj[k]) for k in sorted(obj, key=lambda k: (order.get(k, len(order)), k))}
+
+    def render(self, obj: dict) -> str:
+        """The exact text an advisor is trained to write for `obj`."""
+        return json.dumps(self.normalize(obj), ensure_ascii=False, separators=(",", ":"))
+
+
+def canonical(value):
+    """Whole floats as ints, recursively: 100.0 and 100 are the same answer."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def loads_strict(text: str):
+    """json.loads for advisor answers (production's and models'): NaN / Infinity and duplicate
+    keys are errors (ValueError), not values that would slip past the schema."""
+    return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
+
+
+def load_advisor(path: str | Path) -> Advisor:
+    path = Path(path)
+    data = load_yaml(path)
+    known = {"name", "input_kind", "system_prompt", "schema"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    missing = sorted(known - set(data))
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
+    if data["input_kind"] not in INPUT_KINDS:
+        raise ConfigError(f"{path}: input_kind '{data['input_kind']}' must be one of {', '.join(INPUT_KINDS)}")
+    schema = data["schema"]
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"{path}: schema is not a valid JSON Schema ({exc.message})") from exc
+    if schema.get("type") != "object":
+        raise ConfigError(f"{path}: schema must describe a JSON object (type: object)")
+    return Advisor(name=str(data["name"]), input_kind=data["input_kind"],
+                   system_prompt=str(data["system_prompt"]).strip(), schema=schema, source=str(path),
+                   _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+
+
+def load_advisors(extra_dirs: list[str | Path] = ()) -> dict[str, Advisor]:
+    """Shipped advisors, then those in `extra_dirs` (a later file of the same name wins)."""
+    found: dict[str, Advisor] = {}
+    for folder in [BUILTIN_DIR, *map(Path, extra_dirs)]:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.y*ml")):
+            advisor = load_advisor(path)
+            found[advisor.name] = advisor
+    return found
+
+
+def get_advisor(name: str, extra_dirs: list[str | Path] = ()) -> Advisor:
+    advisors = load_advisors(extra_dirs)
+    if name not in advisors:
+        raise ConfigError(f"unknown advisor '{name}' (known: {', '.join(sorted(advisors)) or 'none'})")
+    return advisors[name]

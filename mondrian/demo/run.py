@@ -1,0 +1,163 @@
+"""`mondrian demo`: the whole pipeline, end to end, on the embedded default model.
+
+demo data -> link -> dataset -> train -> eval -> publish -> serve -> A/B traffic -> report.
+
+Everything is real and small: a short training run (the quality run is `make train-full`), an
+evaluation on part of the test split, a published version, a service on 127.0.0.1 that routes
+test questions between the previous production version (or the base model) and the new
+version, and the analyst's A/B report read back from the same SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+# The LoRA recipe lives in the repository's lora/ folder (recipes are not Python).
+CONFIG = Path(__file__).resolve().parents[2] / "lora" / "fit-query.yaml"
+ADVISOR = "fit-query"
+
+
+@dataclass
+class DemoOptions:
+    model: str = "smollm2-135m"
+    folder: str = "workspace"
+    registry: str | None = None  # registry root [$MONDRIAN_ADAPTERS or ./adapters]
+    iters: int = 30
+    eval_limit: int = 32
+    requests: int = 48
+    clients: int = 4
+    max_tokens: int = 64
+    max_seq_length: int = 256
+
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
+    from mondrian.ab.report import ab_report, format_report
+    from mondrian.core.contracts import get_advisor, load_advisors
+    from mondrian.core.jsonl import read_jsonl
+    from mondrian.core.workspace import load_workspace
+    from mondrian.dataset.build import build_dataset
+    from mondrian.demo.workspace import write_demo_workspace
+    from mondrian.evaluate.run import evaluate
+    from mondrian.link.linker import link_workspace
+    from mondrian.models.sources import resolve
+    from mondrian.registry.store import Registry
+    from mondrian.serve.routing import AdvisorRoute, Arm
+    from mondrian.serve.service import Service, ServiceConfig, run_server
+    from mondrian.train.runs import RunStore
+    from mondrian.train.text import load_config, train
+
+    total = 9
+    step = iter(range(1, total + 1))
+
+    def head(text: str) -> None:
+        say(f"[{next(step)}/{total}] {text}")
+
+    head(f"base model: {opts.model}")
+    card = resolve(opts.model)
+    say(f"      {card.path} (fingerprint {card.fingerprint[:12]})")
+
+    root = Path(opts.folder)
+    head(f"demo workspace: {root}")
+    info = write_demo_workspace(root, overwrite=True)
+    say(f"      {info['jobs']} jobs with realistic defects")
+
+    head("link jobs -> manifest")
+    ws = load_workspace(root)
+    say(f"      {link_workspace(ws, progress=False).line()}")
+
+    head("dataset fit-query -> train/valid/test")
+    data = root / "datasets" / ADVISOR
+    report = build_dataset(root / "manifest", get_advisor(ADVISOR), data, data_root=ws.data_path,
+                           tokenizer_path=card.path, max_seq_length=opts.max_seq_length)
+    c = report.counts
+    say(f"      train {c['train']}, valid {c['valid']}, test {c['test']}; "
+        f"leakage check {'ok' if report.leakage.ok else 'FAILED'}")
+
+    db = root / "mondrian.db"
+    run_dir = root / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} (make train-full for the quality run)")
+    from mlx_lm.utils import load_config as model_config
+
+    layers = model_config(Path(card.path)).get("num_hidden_layers", 16)
+    cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model, "data": str(data), "adapter_path": str(run_dir),
+                               "db": str(db), "iters": opts.iters, "steps_per_eval": opts.iters,
+                               "save_every": opts.iters, "val_batches": 2,
+                               "max_seq_length": opts.max_seq_length})
+    result = train(cfg, progress=True)
+    say(f"      run {result.run_id}: {result.status}, validation loss {result.first_val_loss:.3f} -> "
+        f"{result.best_val_loss:.3f} ({result.seconds:.0f} s)")
+
+    head(f"evaluate base vs adapter on {opts.eval_limit} test rows")
+    ev = evaluate(opts.model, run_dir, data, get_advisor(ADVISOR), limit=opts.eval_limit,
+                  max_tokens=opts.max_tokens, db=db, out_dir=root / "evals" / f"{result.run_id}-eval", progress=True)
+    s = ev.summary()
+    for arm in ("base", "adapter"):
+        say(f"      {arm:8s} compliance {s[arm]['compliance']:.1%}  exact {s[arm]['exact_match']:.1%}  "
+            f"fields {s[arm]['field_accuracy']:.1%}")
+    say(f"      report: {Path(ev.out_dir) / 'report.md'}")
+
+    head("publish")
+    reg = Registry(opts.registry)
+    previous = reg.aliases(ADVISOR).get("production") if ADVISOR in reg.advisors() else None
+    store = RunStore(db)
+    run = store.get(result.run_id)
+    store.close()
+    version = reg.publish_run(run, ADVISOR, metrics=json.loads((Path(ev.out_dir) / "metrics.json").read_text()),
+                              extra_files={"eval_report.md": Path(ev.out_dir) / "report.md"})
+    reg.set_alias(ADVISOR, "candidate", version.version)
+    if previous is None:
+        say(f"      {version.version} at {version.path} (candidate; no production yet: base is the control)")
+    else:
+        say(f"      {version.version} at {version.path} (candidate; production is {previous})")
+
+    head("serve on 127.0.0.1 and send A/B traffic")
+    arms = [Arm("control", previous, 1.0), Arm("candidate", version.version, 1.0)]
+    route = AdvisorRoute(model=opts.model, arms=arms, sticky="user", fallback="none", max_tokens=opts.max_tokens)
+
+    def resolve_model(spec: str):
+        c = resolve(spec)
+        return c.name, c.path, c.fingerprint
+
+    service = Service(ServiceConfig(registry_root=opts.registry, db_path=db, max_batch=8),
+                      resolve_model, load_advisors())
+    service.routing.advisors[ADVISOR] = route
+    service.apply(ADVISOR, route)
+    ports: list[int] = []
+    server = threading.Thread(target=run_server, args=(service, "127.0.0.1", 0),
+                              kwargs={"ready": ports.append}, daemon=True)
+    server.start()
+    while not ports:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{ports[0]}"
+    say(f"      {url}: control={previous or 'base'}, candidate={version.version} (50/50, sticky by user)")
+    questions = [r["messages"][1]["content"] for _, r in read_jsonl(data / "test.jsonl")]
+
+    def ask(i: int) -> dict:
+        body = json.dumps({"text": questions[i % len(questions)], "user": f"user-{i}"}).encode()
+        req = urllib.request.Request(f"{url}/v1/advisors/{ADVISOR}/analyze", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return json.loads(resp.read())
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(opts.clients) as pool:
+        answers = list(pool.map(ask, range(opts.requests)))
+    wall = time.perf_counter() - t0
+    by_arm: dict[str, list[bool]] = {}
+    for a in answers:
+        by_arm.setdefault(a["arm"], []).append(a["contract_ok"])
+    say(f"      {len(answers)} requests in {wall:.1f} s; "
+        + ", ".join(f"{k}: {len(v)} answered, {sum(v)} met the contract" for k, v in sorted(by_arm.items())))
+    service.close()
+
+    head(f"A/B report from {db} (mondrian ab report --db {db})")
+    ab = ab_report(db, advisor=ADVISOR)
+    say(format_report(ab))
+    return {"run": result.to_dict(), "eval": s, "version": version.version, "ab": ab}

@@ -1,0 +1,436 @@
+"""The inference engine: one worker thread per base model, many LoRA versions served at once.
+
+A `ModelWorker` owns one base model (loaded once, in its own thread: MLX streams belong to the
+thread that made them) and every LoRA version loaded for it. Each loaded version has a slot
+in the model's `lora_slots.SlotLoRALinear` layers (slot 0 = the base model), so one running
+batch decodes requests for different versions together: requests join it between decode
+steps as they arrive (continuous batching, mlx-lm's `BatchGenerator` through
+`generation.Decoder`), each row with its version's slot. No weights move for traffic; the
+version a row decodes with is fixed when it joins, and every answer carries it: the service
+records that, not what it asked for.
+
+Loading a version (a control, run between batches: controls wait for the running batch to
+drain) puts its tensors in a slot; the base weights never move and the base is never
+reloaded. It is verified through the registry by the caller (checksums, base-model
+fingerprint), then here: its tensors must be exactly the LoRA pairs its adapter_config.json
+implies (mlx-lm's num_layers/keys rules) with the shapes of the Linear layers they adapt,
+and a smoke generation's logits must be finite. A version failing any of these is refused
+and nothing that was serving changes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.nn as nn
+
+from mondrian.models.generation import Decoder, Generation, chat_prompt, generate_batch
+from mondrian.serve.slots import RowSlots, SlotLoRALinear
+
+SMOKE_PROMPT = [{"role": "user", "content": "hello"}]
+THREADS = {"started": False}  # whether a worker thread ran MLX in this process (see cli.main)
+
+
+class EngineError(ValueError):
+    """A version or request the engine cannot serve; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """What `linear_to_lora_layers` was called with: which Linear layers get LoRA (the last
+    `num_layers` blocks, -1 = all; `keys` or every Linear there) and the rank."""
+
+    num_layers: int
+    rank: int
+    keys: tuple[str, ...] | None
+
+
+@dataclass
+class LoadedVersion:
+    advisor: str
+    version: str
+    path: Path
+    layout: LoraLayout
+    scale: float
+    slot: int
+    pairs: dict  # qualified Linear name -> (lora_a, lora_b), kept in memory
+    loaded_at: float = field(default_factory=time.time)
+    smoke: str = ""
+
+
+@dataclass
+class Answer:
+    """What the worker returns for one request."""
+
+    generation: Generation
+    version: str | None  # the version the answer was decoded with; None = the base model
+    prompt_tokens: int
+    queue_s: float
+    batch_size: int
+
+
+@dataclass
+class _Job:
+    key: tuple[str, str] | None  # (advisor, version) or None for the base model
+    prompt: list[int]
+    max_tokens: int
+    processor: Callable | None
+    future: Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+
+
+@dataclass
+class Control:
+    """A function to run on the worker thread, between batches (`call`)."""
+
+    fn: Callable
+    future: Future
+
+
+def read_layout(config: dict, where: str) -> tuple[LoraLayout, float]:
+    """The LoRA layout and scale an adapter_config.json asks for."""
+    ftype = config.get("fine_tune_type", "lora")
+    if ftype != "lora":
+        raise EngineError(f"{where}: fine_tune_type {ftype!r}; the service hot-swaps LoRA adapters only "
+                          "(DoRA's scale 0 is not the base model; full fine-tunes are separate models)")
+    params = config.get("lora_parameters") or {}
+    try:
+        rank, scale, num_layers = int(params["rank"]), float(params["scale"]), int(config["num_layers"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"{where}: adapter_config.json lacks a usable {exc} "
+                          "(needs num_layers and lora_parameters.rank/scale)") from None
+    keys = params.get("keys")
+    return LoraLayout(num_layers, rank, tuple(keys) if keys else None), scale
+
+
+def read_adapter(path: Path, where: str) -> tuple[dict, dict, LoraLayout, float]:
+    """An adapter folder's config, tensors, LoRA layout and scale; unreadable -> EngineError."""
+    import json
+
+    import mlx.core as mx
+
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        arrays = mx.load(str(path / "adapters.safetensors"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EngineError(f"{where}: cannot read the adapter ({exc})") from None
+    if not isinstance(config, dict):
+        raise EngineError(f"{where}: adapter_config.json is not a JSON object")
+    layout, scale = read_layout(config, where)
+    return config, arrays, layout, scale
+
+
+class ModelThread:
+    """What both workers share: the thread that owns the model (everything MLX runs there),
+    its queue, its readiness and the controls run on it."""
+
+    name: str
+    path: Path
+
+    def _start_thread(self, prefix: str) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"{prefix}-{self.name}", daemon=True)
+        THREADS["started"] = True
+        self._thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self._ready.wait(timeout):
+            raise EngineError(f"model {self.name}: not loaded after {timeout} s")
+        if self._error:
+            raise EngineError(f"model {self.name} ({self.path}) failed to load: {self._error}") from self._error
+
+    def _control(self, item: Control) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        try:
+            item.future.set_result(item.fn(self))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            item.future.set_exception(exc)
+
+
+class ModelWorker(ModelThread):
+    """One base model and its LoRA versions, owned by one thread."""
+
+    def __init__(self, name: str, path: str | Path, fingerprint: str, *, max_batch: int = 8,
+                 max_versions: int = 8):
+        self.name, self.path, self.fingerprint = name, Path(path), fingerprint
+        self.max_batch, self.max_versions = max_batch, max_versions
+        self.versions: dict[tuple[str, str], LoadedVersion] = {}
+        self.rows = RowSlots()
+        self._layers: dict[str, SlotLoRALinear] = {}  # qualified Linear name -> its slot layer
+        self.batches = 0  # batches opened (requests of any version join a running one)
+        self.steps = 0  # decode steps, and rows decoded summed over them
+        self.row_steps = 0
+        self.loads = 0
+        self._start_thread("model")
+
+    # ---- public API (any thread)
+
+    def submit(self, key: tuple[str, str] | None, prompt: list[int], max_tokens: int,
+               processor: Callable | None = None) -> Future:
+        """Queue one prompt for `key` (advisor, version) or the base model (None)."""
+        fut: Future = Future()
+        self._queue.put(_Job(key, list(prompt), max_tokens, processor, fut))
+        return fut
+
+    def call(self, fn: Callable, timeout: float | None = 300) -> object:
+        """Run fn(worker) on the worker thread, between batches."""
+        fut: Future = Future()
+        self._queue.put(Control(fn, fut))
+        return fut.result(timeout)
+
+    def load(self, advisor: str, version: str, path: str | Path) -> LoadedVersion:
+        """Load a verified adapter folder as (advisor, version) into a slot: tensor checks and a
+        smoke generation on the worker; on any failure the version is not kept and nothing changes."""
+        return self.call(lambda w: w._load(advisor, version, Path(path)))
+
+    def unload(self, advisor: str, version: str) -> bool:
+        return self.call(lambda w: w._unload((advisor, version)))
+
+    def prompt_tokens(self, messages: list[dict]) -> list[int]:
+        return chat_prompt(self.tokenizer, messages)
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "decode_steps": self.steps, "decoded_rows": self.row_steps,
+                "model_calls": self.rows.calls, "mixed_version_calls": self.rows.mixed_calls,
+                "loads": self.loads}
+
+    def close(self) -> None:
+        if self._stop:
+            return
+        self._stop = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # ---- the worker thread
+
+    def _run(self) -> None:
+        try:
+            from mlx_lm import load
+
+            self.model, self.tokenizer = load(str(self.path))
+            self.model.eval()
+            self.model.freeze()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait_ready
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        pending: list[_Job] = []
+        controls: list[Control] = []
+        dec: Decoder | None = None
+        while not self._stop:
+            busy = bool(pending or controls or dec)
+            try:
+                item = self._queue.get_nowait() if busy else self._queue.get(timeout=0.05)
+            except queue.Empty:
+                item = False
+            items = [] if item is False else [item]
+            while True:  # drain what has arrived
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for it in items:
+                if it is None:
+                    self._stop = True
+                elif isinstance(it, Control):
+                    controls.append(it)
+                else:
+                    pending.append(it)
+            if self._stop:
+                break
+            if dec is not None and not len(dec):
+                dec.close()
+                dec = None
+            if dec is None:  # between batches: controls (loads, unloads) run now
+                for c in controls:
+                    self._control(c)
+                controls = []
+                if pending:
+                    dec = Decoder(self.model, self.tokenizer, self.max_batch, self.rows)
+                    self.batches += 1
+            if dec is not None:
+                if not controls:  # a waiting control closes the batch to new rows: it drains, then the control runs
+                    pending = self._admit(dec, pending)
+                self._step(dec)
+        gone = EngineError(f"model {self.name}: the service is shutting down")
+        for f in [j.future for j in pending] + [c.future for c in controls] + \
+                 ([j.future for j in dec.tags()] if dec is not None else []):
+            if not f.done():
+                f.set_exception(gone)
+
+    def _admit(self, dec: Decoder, pending: list[_Job]) -> list[_Job]:
+        """Waiting requests join the running batch, oldest first, while there is room; each row
+        decodes with its version's slot."""
+        rest = []
+        now = time.perf_counter()
+        for job in pending:
+            if len(dec) >= self.max_batch:
+                rest.append(job)
+                continue
+            if not job.future.set_running_or_notify_cancel():  # a cancelled request is dropped
+                continue
+            if job.key is None:
+                slot = 0
+            elif job.key in self.versions:
+                slot = self.versions[job.key].slot
+            else:
+                job.future.set_exception(EngineError(f"{job.key[0]} {job.key[1]} is not loaded on model {self.name}"))
+                continue
+            job.admitted = now
+            dec.add(job.prompt, job.max_tokens, job.processor, tag=job, slot=slot)
+        return rest
+
+    def _step(self, dec: Decoder) -> None:
+        """One decode step of the running batch; finished rows get their answers."""
+        steps, rows = dec.steps, dec.row_steps
+        try:
+            finished = dec.step()
+            self.steps += dec.steps - steps
+            self.row_steps += dec.row_steps - rows
+            for job, gen, peak in finished:
+                version = job.key[1] if job.key else None
+                job.future.set_result(Answer(gen, version, len(job.prompt), job.admitted - job.enqueued, peak))
+        except BaseException as exc:  # noqa: BLE001 - each caller in the batch gets the error
+            for job in dec.tags():
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            dec.clear()
+
+    # ---- LoRA slots (worker thread only)
+
+    def _blocks(self) -> tuple[str, list]:
+        """The qualified name prefix of the transformer blocks, and the blocks."""
+        blocks = self.model.layers if hasattr(self.model, "layers") else self.model.model.layers
+        first = blocks[0]
+        for name, module in self.model.named_modules():
+            if module is first:
+                return name.rsplit(".", 1)[0], blocks
+        raise EngineError(f"model {self.name}: cannot find its transformer blocks")
+
+    def _targets(self, layout: LoraLayout, where: str) -> dict[str, nn.Module]:
+        """The Linear layers mlx-lm's `linear_to_lora_layers` adapts for `layout` (last
+        num_layers blocks, -1 = all; `keys` or every Linear in them), by qualified name."""
+        prefix, blocks = self._blocks()
+        n = len(blocks) if layout.num_layers == -1 else layout.num_layers
+        if not 0 <= n <= len(blocks):
+            raise EngineError(f"{where}: num_layers {layout.num_layers}; the model has {len(blocks)} layers")
+        out = {}
+        for b in range(len(blocks) - n, len(blocks)):
+            modules = dict(blocks[b].named_modules())
+            for name, module in modules.items():
+                if isinstance(modules.get(name.rpartition(".")[0]), SlotLoRALinear):
+                    continue  # the Linear inside a slot layer: its parent stands for it
+                base = module.linear if isinstance(module, SlotLoRALinear) else module
+                if layout.keys is not None and name not in layout.keys:
+                    continue
+                if isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+                    out[f"{prefix}.{b}.{name}"] = base
+                elif layout.keys is not None or isinstance(base, (nn.Embedding, nn.QuantizedEmbedding)):
+                    raise EngineError(f"{where}: LoRA on {prefix}.{b}.{name} ({type(base).__name__}); "
+                                      "the service serves LoRA on Linear layers")
+            if layout.keys is not None:
+                missing = set(layout.keys) - {k.split(f"{prefix}.{b}.", 1)[1] for k in out if k.startswith(f"{prefix}.{b}.")}
+                if missing:
+                    raise EngineError(f"{where}: lora_parameters.keys {sorted(missing)} are not Linear layers "
+                                      f"of block {b}")
+        return out
+
+    def _wrap(self, name: str, linear: nn.Module) -> SlotLoRALinear:
+        from mlx.utils import tree_unflatten
+
+        layer = self._layers.get(name)
+        if layer is None:
+            layer = SlotLoRALinear(linear, self.rows)
+            self.model.update_modules(tree_unflatten([(name, layer)]))
+            self._layers[name] = layer
+        return layer
+
+    def _load(self, advisor: str, version: str, path: Path) -> LoadedVersion:
+        where = f"{advisor} {version} ({path})"
+        _, arrays, layout, scale = read_adapter(path, where)
+        targets = self._targets(layout, where)
+        bad, pairs = [], {}
+        for name, linear in targets.items():
+            out_dims, in_dims = linear.weight.shape
+            if isinstance(linear, nn.QuantizedLinear):
+                in_dims = in_dims * 32 // linear.bits
+            a, b = arrays.get(f"{name}.lora_a"), arrays.get(f"{name}.lora_b")
+            if a is None or b is None:
+                continue
+            if tuple(a.shape) != (in_dims, layout.rank) or tuple(b.shape) != (layout.rank, out_dims):
+                bad.append(f"{name}.lora_a/b {tuple(a.shape)}/{tuple(b.shape)} (layer wants "
+                           f"{(in_dims, layout.rank)}/{(layout.rank, out_dims)})")
+            pairs[name] = (a, b)
+        wanted = {f"{n}.{ab}" for n in targets for ab in ("lora_a", "lora_b")}
+        unknown, missing = sorted(set(arrays) - wanted), sorted(wanted - set(arrays))
+        if bad or unknown or missing:
+            raise EngineError(f"{where}: does not fit {self.name}: " + "; ".join(filter(None, [
+                f"wrong shapes: {', '.join(bad[:3])}" if bad else "",
+                f"tensors with no LoRA layer: {', '.join(unknown[:3])}" if unknown else "",
+                f"LoRA layers with no tensor: {', '.join(missing[:3])}" if missing else ""])))
+        key = (advisor, version)
+        old = self.versions.get(key)
+        used = {v.slot for k, v in self.versions.items() if k != key}
+        slot = old.slot if old else next(s for s in range(1, len(self.versions) + 2) if s not in used)
+        previous = {n: layer._slots.get(slot) for n, layer in self._layers.items()}
+        for name in pairs:
+            self._wrap(name, targets[name])
+        self._place(slot, pairs, scale)
+        loaded = LoadedVersion(advisor, version, path, layout, scale, slot, pairs)
+        try:
+            loaded.smoke = self._smoke(where, slot)
+        except BaseException:
+            for name, layer in self._layers.items():  # put back what the slot held (a reload) or nothing
+                prev = previous.get(name)
+                layer.set_slot(slot, prev.a if prev else None, prev.b if prev else None, prev.scale if prev else 0.0)
+            raise
+        self.versions[key] = loaded
+        self.loads += 1
+        while len(self.versions) > self.max_versions:  # forget the oldest loaded
+            oldest = min(self.versions, key=lambda k: self.versions[k].loaded_at)
+            self._unload(oldest)
+        return loaded
+
+    def _place(self, slot: int, pairs: dict[str, tuple], scale: float) -> None:
+        """Put a version's (lora_a, lora_b) pairs in `slot` of every slot layer (none where it
+        has none; its layers are wrapped already)."""
+        for name, layer in self._layers.items():
+            a, b = pairs.get(name, (None, None))
+            layer.set_slot(slot, a, b, scale)
+
+    def _unload(self, key: tuple[str, str]) -> bool:
+        v = self.versions.pop(key, None)
+        if v is None:
+            return False
+        for layer in self._layers.values():
+            layer.set_slot(v.slot, None)
+        return True
+
+    def _smoke(self, where: str, slot: int) -> str:
+        """A forward pass with finite logits and a few generated tokens, in `slot`."""
+        import mlx.core as mx
+
+        prompt = chat_prompt(self.tokenizer, SMOKE_PROMPT)
+        with self.rows.use([slot]):
+            logits = self.model(mx.array([prompt]))
+            finite = mx.all(mx.isfinite(logits)).item()
+        if not finite:
+            raise EngineError(f"{where}: refused: the smoke test's logits are not finite (NaN or inf weights?)")
+        gens, _ = generate_batch(self.model, self.tokenizer, [prompt], batch_size=1, max_tokens=4,
+                                 row_slots=self.rows, slots=[slot])
+        return gens[0].text

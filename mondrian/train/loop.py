@@ -1,0 +1,291 @@
+"""The training loop both trainers share (text: mondrian/train/text.py, vision: mondrian/train/vision.py).
+
+A trainer brings its model-specific parts as `Hooks` (one optimizer step, the
+validation loss, how to write an adapter folder, how to load one); this module
+owns everything around them, once: the run record and resume bookkeeping, the
+progress bar and metric reports, evaluation on schedule with the best adapter
+kept, early stopping, checkpoints (adapter + optimizer state + trainer state),
+SIGINT/SIGTERM handling, the final adapter files and the loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from mondrian.core.atomic import atomic_folder
+from mondrian.core.fingerprint import file_sha256, folder_fingerprint
+from mondrian.train.plots import loss_curve_svg
+from mondrian.train.runs import RunStore
+
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
+
+
+class TrainError(ValueError):
+    """Training cannot start (or go on); the message says why and what to change."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    status: str
+    adapter_path: str
+    steps: int
+    best_val_loss: float | None
+    best_step: int | None
+    final_train_loss: float | None
+    first_val_loss: float | None
+    tokens: int
+    loss_tokens: int
+    seconds: float
+    tokens_per_s: float
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Hooks:
+    step: Callable[[int], tuple[float, int, int]]  # train step n -> (mean loss, loss tokens, tokens)
+    evaluate: Callable[[], float]  # validation loss
+    save_adapter: Callable[[Path, dict], None]  # write the adapter files into a folder (+ run info)
+
+
+@dataclass
+class Session:
+    """One run in the runs database, new or resumed from `checkpoint`."""
+
+    store: RunStore
+    run_id: str
+    start: int
+    state: dict
+    meta: dict
+    checkpoint: Path | None
+
+
+def runs_db(cfg, data: Path) -> Path:
+    """`db` from the config, else the mondrian.db of the workspace that holds the data."""
+    if cfg.db:
+        return Path(cfg.db)
+    for parent in [data, *data.parents]:
+        if (parent / "mondrian.yaml").is_file() or (parent / "mondrian.db").is_file():
+            return parent / "mondrian.db"
+    return Path("mondrian.db")
+
+
+def dataset_fingerprint(data: Path) -> str:
+    stats = data / "dataset_stats.json"
+    if stats.is_file():
+        fp = json.loads(stats.read_text()).get("fingerprint")
+        if fp:
+            return fp
+    return folder_fingerprint({n: file_sha256(data / n) for n in ("train.jsonl", "valid.jsonl")
+                               if (data / n).is_file()})
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = [p for p in sorted(root.glob("step-*")) if (p / "trainer_state.json").is_file()]
+    return done[-1] if done else None
+
+
+def check_output(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to mix runs in one folder."""
+    last = latest_checkpoint(out / "checkpoints")
+    if resume and last is None:
+        raise TrainError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if not resume and last is not None:
+        raise TrainError(f"{out} already holds a run's checkpoints: use --resume to continue it, "
+                         "or pick another adapter_path")
+    return last
+
+
+def begin(cfg, data: Path, out: Path, base_fingerprint: str, checkpoint: Path | None,
+          config_extra: dict | None = None) -> Session:
+    """Start the run record, or reopen it from `checkpoint` after checking that the data and
+    the base model are the ones the run started with."""
+    store = RunStore(runs_db(cfg, data))
+    dataset_fp = dataset_fingerprint(data)
+    state = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
+             "first_val_loss": None, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
+    meta = {"dataset_fingerprint": dataset_fp, "base_model_fingerprint": base_fingerprint}
+    if checkpoint is None:
+        run_id = store.start("train", cfg.advisor, asdict(cfg) | (config_extra or {}), dataset_fp,
+                             cfg.model, base_fingerprint, str(out.resolve()))
+        return Session(store, run_id, 0, state, meta | {"run_id": run_id}, None)
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    problem = None
+    if saved.get("dataset_fingerprint") != dataset_fp:
+        problem = f"the data in {data} changed since the checkpoint was written"
+    elif saved.get("base_model_fingerprint") != base_fingerprint:
+        problem = f"the base model {cfg.model} is not the one the run started with"
+    elif saved["step"] >= cfg.iters:
+        problem = f"run {saved['run_id']} already reached iters {cfg.iters}; raise iters to train further"
+    if problem:
+        store.close()
+        raise TrainError(f"--resume: {problem}")
+    store.resume(saved["run_id"])
+    store.truncate_metrics(saved["run_id"], saved["step"])
+    return Session(store, saved["run_id"], saved["step"], {k: saved.get(k, v) for k, v in state.items()},
+                   meta | {"run_id": saved["run_id"]}, checkpoint)
+
+
+def restore_optimizer(optimizer, checkpoint: Path) -> None:
+    optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
+
+
+def save_checkpoint(root: Path, step: int, hooks: Hooks, optimizer, state: dict, keep: int) -> Path:
+    """checkpoints/step-NNNNNNN: adapter + optimizer state + trainer state, written atomically;
+    older ones beyond `keep` are removed."""
+    target = root / f"step-{step:07d}"
+    with atomic_folder(target) as tmp:
+        hooks.save_adapter(tmp, {"step": step})
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "trainer_state.json").write_text(json.dumps(state | {"step": step}, indent=2) + "\n")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+class Interrupt:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, stop as 'interrupted'."""
+
+    def __init__(self):
+        self.hit = False
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def _lr(optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr.item() if isinstance(lr, mx.array) else lr)
+
+
+def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: bool = True,
+        stop_after: int | None = None) -> TrainResult:
+    """Steps start+1 .. iters with reports, evaluations, checkpoints; then the final files.
+
+    `stop_after` ends this process's work after that many steps, as a kill would (tests);
+    the run stays resumable."""
+    t_start = time.perf_counter()
+    store, run_id, state, start = session.store, session.run_id, session.state, session.start
+    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
+               disable=not progress, dynamic_ncols=True)
+    window = {"loss": 0.0, "weight": 0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+    last_train_loss, status, error, stopped_early, step = None, "completed", None, False, start
+
+    def result(status: str) -> TrainResult:
+        secs = state["train_seconds"]
+        return TrainResult(run_id=run_id, status=status, adapter_path=str(out), steps=step,
+                           best_val_loss=state["best_val_loss"], best_step=state["best_step"],
+                           final_train_loss=last_train_loss, first_val_loss=state["first_val_loss"],
+                           tokens=state["tokens"], loss_tokens=state["loss_tokens"],
+                           seconds=round(time.perf_counter() - t_start, 2),
+                           tokens_per_s=round(state["tokens"] / secs, 1) if secs else 0.0,
+                           stopped_early=stopped_early)
+
+    def evaluate(step: int) -> None:
+        val = hooks.evaluate()
+        if state["first_val_loss"] is None:
+            state["first_val_loss"] = val
+        store.log(run_id, step, {"val_loss": val})
+        if state["best_val_loss"] is None or val < state["best_val_loss"]:
+            state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
+            with atomic_folder(out / "best") as tmp:
+                hooks.save_adapter(tmp, {"step": step, "val_loss": val})
+                (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val,
+                                                           "run_id": run_id}) + "\n")
+        elif step > 0:
+            state["evals_without_improvement"] += 1
+        bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
+
+    try:
+        with Interrupt() as interrupt:
+            if start == 0:
+                evaluate(0)
+            for step in range(start + 1, cfg.iters + 1):
+                loss, weight, tokens = hooks.step(step)
+                state["tokens"] += tokens
+                state["loss_tokens"] += weight
+                window["loss"] += loss * weight  # token-weighted, as both peers report it
+                window["weight"] += weight
+                window["tokens"] += tokens
+                window["steps"] += 1
+                bar.update(1)
+                if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                    dt = time.perf_counter() - window["t"]
+                    state["train_seconds"] += dt
+                    last_train_loss = window["loss"] / max(window["weight"], 1)
+                    metrics = {"train_loss": last_train_loss, "tokens_per_s": window["tokens"] / dt,
+                               "loss_tokens_per_s": window["weight"] / dt,
+                               "steps_per_s": window["steps"] / dt, "learning_rate": _lr(optimizer),
+                               "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                    store.log(run_id, step, metrics)
+                    bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                    mem=f"{metrics['peak_memory_gb']:.2f}GB")
+                    window = {"loss": 0.0, "weight": 0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+                if step % cfg.steps_per_eval == 0 or step == cfg.iters:
+                    evaluate(step)
+                    window["t"] = time.perf_counter()  # evaluation time is not training throughput
+                    if (cfg.early_stopping_patience
+                            and state["evals_without_improvement"] >= cfg.early_stopping_patience):
+                        stopped_early = True
+                if step % cfg.save_every == 0 or step == cfg.iters or stopped_early or interrupt.hit:
+                    save_checkpoint(out / "checkpoints", step, hooks, optimizer, state | session.meta,
+                                    cfg.keep_checkpoints)
+                if stopped_early:
+                    break
+                if interrupt.hit:
+                    status = "interrupted"
+                    break
+                if stop_after is not None and step - start >= stop_after:
+                    bar.close()
+                    store.close()
+                    return result("interrupted")
+        # The published adapter is the best by validation loss; the last step is kept beside it.
+        with atomic_folder(out / "last") as tmp:
+            hooks.save_adapter(tmp, {"step": step})
+        best = out / "best"
+        for name in [n.name for n in (out / "last").iterdir() if n.is_file()]:
+            src = best / name if (best / name).exists() else out / "last" / name
+            tmp_file = out / f".{name}.tmp"
+            tmp_file.write_bytes(src.read_bytes())
+            os.replace(tmp_file, out / name)
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+    except Exception as exc:
+        store.finish(run_id, "failed", {"steps": step}, f"{type(exc).__name__}: {exc}")
+        store.close()
+        raise
+    finally:
+        bar.close()
+    res = result(status)
+    store.finish(run_id, status, res.to_dict(), error)
+    series = {name: [(s, v) for s, n, v in store.metrics(run_id) if n == name]
+              for name in ("train_loss", "val_loss")}
+    (out / "loss_curve.svg").write_text(loss_curve_svg(series, f"{cfg.advisor or 'train'} {run_id}"))
+    store.close()
+    return res
