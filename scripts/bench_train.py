@@ -57,7 +57,8 @@ def workspace_dataset(root: Path) -> Path:
 
 
 def run_ours(setup: dict, data: Path, tmp: Path) -> dict:
-    from mondrian.train.text import TrainConfig, train
+    from mondrian.train.config import TrainConfig
+    from mondrian.train.run import train
 
     cfg = TrainConfig(**(COMMON | setup), data=str(data), adapter_path=str(tmp / "ours"),
                       steps_per_eval=10_000, val_batches=1, save_every=10_000, db=str(tmp / "runs.db"))

@@ -37,12 +37,12 @@ def write_random_adapter(folder: Path, base_path: str, seed: int = 0, num_layers
                          lora: dict | None = None, amplitude: float = 0.05) -> Path:
     """An mlx-lm LoRA adapter for `base_path` with random, non-zero lora_b (so it changes the
     model), written as mlx-lm writes it. Faster than training and just as real to a loader."""
-    import json
-
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mondrian.core.adapters import write_adapter
 
     lora = lora or LORA
     model, _ = load(base_path)
@@ -52,10 +52,8 @@ def write_random_adapter(folder: Path, base_path: str, seed: int = 0, num_layers
     weights = {k: (mx.random.normal(v.shape) * amplitude if k.endswith("lora_b") else v)
                for k, v in tree_flatten(model.trainable_parameters())}
     folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-    config = {"model": base_path, "fine_tune_type": "lora", "num_layers": num_layers,
-              "lora_parameters": lora}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_adapter(folder, weights, {"model": base_path, "fine_tune_type": "lora",
+                                    "num_layers": num_layers, "lora_parameters": lora})
     return folder
 
 
@@ -128,17 +126,18 @@ def write_random_vision_adapter(folder: Path, base_path: str, seed: int = 0, num
                                 keys: list[str] | None = None) -> Path:
     """An mlx-vlm LoRA adapter folder for the vision model at `base_path`, with seeded random
     lora_a / lora_b (times `amplitude`), attached and written as mondrian/train/vision.py does
-    (mlx-vlm's `prepare_model_for_training` on `lora_targets`, `save_vision_adapter`)."""
+    (mlx-vlm's `prepare_model_for_training` on core.adapters' `lora_targets`, `save_vision_adapter`)."""
     import mlx.core as mx
     import mlx_vlm
     from mlx.utils import tree_flatten
     from mlx_vlm.trainer.common.model import prepare_model_for_training
 
-    from mondrian.train.vision import lora_targets, save_vision_adapter
+    from mondrian.core.adapters import lora_targets
+    from mondrian.train.vision import save_vision_adapter
 
     model, _ = mlx_vlm.load(base_path)
     prepare_model_for_training(model, train_type="lora", lora_rank=rank, lora_alpha=scale * rank,
-                               lora_dropout=0.0, target_modules=lora_targets(model, num_layers, keys),
+                               lora_dropout=0.0, target_modules=list(lora_targets(model, num_layers, keys)),
                                verbose=False)
     mx.random.seed(seed)
     weights = [(k, mx.random.normal(v.shape) * amplitude) for k, v in tree_flatten(model.trainable_parameters())]

@@ -11,9 +11,9 @@ from scipy import stats as sps
 
 from mondrian.ab.report import ab_report, format_report, normalize_since
 from mondrian.cli import cli
-from mondrian.core.db import DBError
+from mondrian.core.db import REQUEST_COLUMNS, DBError, create_request_tables
 from mondrian.evaluate.stats import chi2_sf, srm_chi2, two_proportion_ztest, wilson_interval
-from mondrian.serve.requests_log import COLUMNS, create_tables, record_routing
+from mondrian.serve.requests_log import record_routing
 
 FIFTY_FIFTY = {"arms": [{"name": "control", "version": "v1", "weight": 50},
                         {"name": "treatment", "version": "v2", "weight": 50}],
@@ -21,7 +21,7 @@ FIFTY_FIFTY = {"arms": [{"name": "control", "version": "v1", "weight": 50},
 
 
 class Log:
-    """Rows written straight into a real SQLite file (the schema of mondrian.serve.requests_log)."""
+    """Rows written straight into a real SQLite file (the request-log schema of mondrian.core.db)."""
 
     def __init__(self, path):
         self.path = path
@@ -36,13 +36,13 @@ class Log:
                  "assigned_version": "v1", "served_version": "v1", "base_fingerprint": "fp",
                  "routing_id": "r1", "status": 200, "contract_ok": 1, "latency_ms": 100.0,
                  "prompt_tokens": 50, "completion_tokens": 20} | kw
-            self.rows.append(tuple(r.get(c) for c in COLUMNS))
+            self.rows.append(tuple(r.get(c) for c in REQUEST_COLUMNS))
 
     def save(self):
         conn = sqlite3.connect(self.path)
-        create_tables(conn)
+        create_request_tables(conn)
         with conn:
-            conn.executemany(f"INSERT INTO requests VALUES ({','.join('?' * len(COLUMNS))})", self.rows)
+            conn.executemany(f"INSERT INTO requests VALUES ({','.join('?' * len(REQUEST_COLUMNS))})", self.rows)
         conn.close()
         return self.path
 

@@ -1,4 +1,4 @@
-"""mondrian.dataset.build: link manifest -> leakage-free train/valid/test JSONL the peer loaders accept."""
+"""mondrian.dataset: link manifest -> leakage-free train/valid/test JSONL the peer loaders accept."""
 
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ from typing import Any
 import pytest
 
 from mondrian.core.contracts import Advisor, load_advisors
+from mondrian.core.fingerprint import file_sha256
 from mondrian.dataset import build as ds
-from mondrian.dataset.build import (
-    LeakageError,
-    build_dataset,
-    check_leakage,
-    normalize_text,
-    split_of,
-    validate_ratios,
-)
+from mondrian.dataset import rows as ds_rows
+from mondrian.dataset.build import LeakageError, build_dataset
+from mondrian.dataset.leakage import check_leakage
+from mondrian.dataset.report import DatasetReport
+from mondrian.dataset.splits import split_of, validate_ratios
 from mondrian.demo.images import generate_image
 from mondrian.demo.questions import generate
+from mondrian.link.linker import normalize_text
 
 SPLITS = ("train", "valid", "test")
 
@@ -100,7 +99,7 @@ def text_manifest(tmp_path_factory: pytest.TempPathFactory, fitq: Advisor) -> Pa
 
 @pytest.fixture(scope="module")
 def text_built(tmp_path_factory: pytest.TempPathFactory, text_manifest: Path, fitq: Advisor,
-               tiny_llama) -> tuple[Path, ds.DatasetReport]:
+               tiny_llama) -> tuple[Path, DatasetReport]:
     out = tmp_path_factory.mktemp("text_out") / "data"
     report = build_dataset(text_manifest, fitq, out, None, tokenizer_path=tiny_llama.path)
     return out, report
@@ -117,7 +116,7 @@ def image_setup(tmp_path_factory: pytest.TempPathFactory, critic: Advisor) -> tu
         img.save(root / "images" / f"IMG_{seed}.png")
         rows.append({"job_id": f"img-{seed}", "advisor": critic.name, "status": "linked",
                      "input": {"image": f"images/IMG_{seed}.png", "text": None,
-                               "image_sha256": ds.file_sha256(root / "images" / f"IMG_{seed}.png")},
+                               "image_sha256": file_sha256(root / "images" / f"IMG_{seed}.png")},
                      "output": critic.normalize(crit)})
     shutil.copyfile(root / "images/IMG_0.png", root / "images/IMG_dup.png")
     rows.append(dict(rows[0], job_id="img-dup", input={"image": "images/IMG_dup.png", "text": None}))
@@ -357,7 +356,7 @@ def test_build_raises_on_leak_and_keeps_previous_output(tmp_path, text_manifest,
     before = snapshot(out)
     calls = iter(range(10**6))
     # A broken splitter that ignores the group: the check, reading the files, must catch it.
-    monkeypatch.setattr(ds, "split_of", lambda group, ratios, salt: SPLITS[next(calls) % 3])
+    monkeypatch.setattr(ds_rows, "split_of", lambda group, ratios, salt: SPLITS[next(calls) % 3])
     # Every group has two rows, next to each other: consecutive calls, different splits.
     rows = [x for r in text_rows(fitq, 30, seed=5) for x in (r, dict(r, job_id=r["job_id"] + "-b"))]
     with pytest.raises(LeakageError, match="group\\(s\\) in more than one split") as exc:
@@ -375,7 +374,7 @@ def test_failure_mid_build_leaves_previous_output(tmp_path, text_manifest, fitq,
     def boom(report: Any) -> str:  # after the split files are written, before the swap
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ds, "_markdown", boom)
+    monkeypatch.setattr(ds, "render_markdown", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         build_dataset(write_manifest(tmp_path / "m", text_rows(fitq, 30, seed=9)), fitq, out, None)
     assert snapshot(out) == before
@@ -412,7 +411,7 @@ def test_image_rows_load_with_mlx_vlm(tmp_path, image_setup, critic):
     assert report.manifest["rejected_upstream"] == {"invalid_json": 1}
     assert report.leakage.ok and report.leakage.key == "image_sha256"
     assert "text tokens only" in report.tokens["note"]
-    sha0 = ds.file_sha256(root / "images/IMG_0.png")
+    sha0 = file_sha256(root / "images/IMG_0.png")
     idx = index(out)
     assert idx["img-0"]["group"] == idx["img-dup"]["group"] == sha0
     assert idx["img-0"]["split"] == idx["img-dup"]["split"]
@@ -420,7 +419,7 @@ def test_image_rows_load_with_mlx_vlm(tmp_path, image_setup, critic):
     names = sorted(p.name for p in (out / "images").iterdir())
     assert len(names) == 6 and f"{sha0}.png" in names
     for name in names:
-        assert ds.file_sha256(out / "images" / name) == name.removesuffix(".png")
+        assert file_sha256(out / "images" / name) == name.removesuffix(".png")
 
     rows = [r for s in SPLITS for r in read_split(out, s)]
     row = rows[0]

@@ -20,7 +20,8 @@ from mondrian.core.db import JOB_COLUMNS, open_db, read_jobs
 from mondrian.core.workspace import load_workspace
 from mondrian.demo import workspace as demo_workspace
 from mondrian.demo.images import analyze_image
-from mondrian.demo.workspace import REASONS, write_demo_workspace
+from mondrian.demo.job_plan import REASONS, plan_jobs
+from mondrian.demo.workspace import write_demo_workspace
 
 SMALL = {"n_fit": 300, "n_photo": 60, "image_size": 64}
 
@@ -228,14 +229,14 @@ def test_reproducible_by_seed(built, tmp_path) -> None:
 
 
 def test_every_reason_at_the_smallest_promised_size() -> None:
-    plan = demo_workspace._plan(200, 50, 0.08)
+    plan = plan_jobs(200, 50, 0.08)
     kinds = Counter()
     for counts in plan.values():
         kinds.update(counts)
     assert all(kinds[r] >= 1 for r in REASONS)
     assert sum(plan["photo-critic"].values()) == 50 and sum(plan["fit-query"].values()) == 200
-    assert demo_workspace._plan(100, 20, 0.0) == {"photo-critic": {"linked": 20},
-                                                  "fit-query": {"linked": 100}}
+    assert plan_jobs(100, 20, 0.0) == {"photo-critic": {"linked": 20},
+                                       "fit-query": {"linked": 100}}
 
 
 def test_refuses_non_empty_folder(tmp_path) -> None:

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mondrian.models.generation import Decoder
 from mondrian.serve.engine import EngineError, ModelWorker
 from tests.helpers import write_random_adapter
 
@@ -104,6 +105,36 @@ def test_mixed_version_batch_answers_as_each_version_alone(worker):
     assert any(fut.result().batch_size == 4 for *_, fut in jobs)  # rows of several versions decoded together
     assert long.result(60).generation.tokens == 150
     assert worker.stats()["mixed_version_calls"] > before
+
+
+def test_rows_join_and_leave_mid_decode_keep_their_slots(worker):
+    """The decoder's own loop, driven step by step: rows of four slots join while others decode
+    (more than fit, so some wait for a place) and leave at different steps; the row order of
+    the model calls changes at each join and leave, and every row still answers exactly what
+    its version answers alone."""
+    keys = [(ADV, "v1"), None, (ADV, "v3"), (ADV, "v2"), (ADV, "v1"), (ADV, "v3"), None, (ADV, "v2")]
+    limits = [9, 3, 7, 5, 2, 8, 6, 4]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(keys))]
+    solo = [alone(worker, k, p, n).generation.text for k, p, n in zip(keys, prompts, limits, strict=True)]
+    joins = {0: [0, 1, 2], 2: [3, 4], 3: [5], 5: [6, 7]}  # step -> rows added before it
+
+    def run(w):
+        dec = Decoder(w.model, w.tokenizer, 3, w.rows)
+        mixed, out, peaks, step = w.rows.mixed_calls, {}, {}, 0
+        while step in joins or len(dec):
+            for i in joins.get(step, []):
+                slot = w.versions[keys[i]].slot if keys[i] else 0
+                dec.add(prompts[i], limits[i], Slow(eos(w), 0), tag=i, slot=slot)
+            for i, gen, peak in dec.step():
+                out[i], peaks[i] = gen, peak
+            step += 1
+        dec.close()
+        return out, peaks, w.rows.mixed_calls - mixed
+
+    out, peaks, mixed = worker.call(run)
+    assert [out[i].text for i in range(len(keys))] == solo
+    assert [out[i].tokens for i in range(len(keys))] == limits
+    assert max(peaks.values()) == 3 and mixed > 0
 
 
 def test_controls_wait_for_the_running_batch(worker):

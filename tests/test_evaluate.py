@@ -1,4 +1,4 @@
-"""mondrian.evaluate.run / mondrian.evaluate.stats: metrics on hand-made answers, paired statistics against scipy,
+"""mondrian.evaluate (metrics, stats, cases, report, rows, run): metrics on hand-made answers, paired statistics against scipy,
 critical cases with a stub model, and the real thing end to end on the tiny llama with a LoRA
 adapter (scale 0 == base logits bit for bit, batched == one-at-a-time greedy, report files,
 the eval run in SQLite, JSON-Schema-constrained decoding)."""
@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from mondrian.core.contracts import get_advisor
+from mondrian.evaluate import cases as crit_cases
+from mondrian.evaluate import metrics, stats
+from mondrian.evaluate import report as rep
+from mondrian.evaluate import rows as ev_rows
 from mondrian.evaluate import run as ev
-from mondrian.evaluate import stats
 from mondrian.models import generation as gen
 from mondrian.train.runs import RunStore
 
@@ -41,7 +44,7 @@ ANSWERS = [
 
 
 def _scores():
-    return [ev.score_answer(FIT, r, a) for r, a in zip(REFS, ANSWERS, strict=True)]
+    return [metrics.score_answer(FIT, r, a) for r, a in zip(REFS, ANSWERS, strict=True)]
 
 
 def test_score_answer_statuses():
@@ -65,18 +68,18 @@ def test_score_answer_statuses():
 
 def test_score_answer_edge_cases():
     ref = {"query_type": "search", "include_revenue": True}
-    assert ev.score_answer(FIT, ref, '{"query_type":"search","include_revenue":1}').fields["include_revenue"].status == "wrong"
-    arr = ev.score_answer(FIT, ref, "[1, 2]")
+    assert metrics.score_answer(FIT, ref, '{"query_type":"search","include_revenue":1}').fields["include_revenue"].status == "wrong"
+    arr = metrics.score_answer(FIT, ref, "[1, 2]")
     assert arr.parsed and not arr.compliant and not arr.exact and arr.fields["query_type"].status == "missing"
-    extra = ev.score_answer(FIT, ref, '{"query_type":"search","include_revenue":true,"colour":"red"}')
+    extra = metrics.score_answer(FIT, ref, '{"query_type":"search","include_revenue":true,"colour":"red"}')
     assert extra.extra_keys == ["colour"] and not extra.compliant and not extra.exact
     for bad in ('{"query_type":"search","query_type":"search"}', '{"query_type":NaN}', ""):
-        assert not ev.score_answer(FIT, ref, bad).parsed
+        assert not metrics.score_answer(FIT, ref, bad).parsed
 
 
 def test_arm_metrics_known_values():
     gens = [gen.Generation(a, tokens=10 + i, latency_s=float(i + 1)) for i, a in enumerate(ANSWERS)]
-    m = ev.arm_metrics(FIT, _scores(), gens, wall_s=2.0, generated=5, generated_tokens=60)
+    m = metrics.arm_metrics(FIT, _scores(), gens, wall_s=2.0, generated=5, generated_tokens=60)
     assert (m["parse_rate"], m["compliance"], m["exact_match"]) == (0.8, 0.6, 0.2)
     assert m["field_accuracy"] == pytest.approx(7 / 14)
     f = m["fields"]
@@ -169,12 +172,12 @@ def test_critical_cases_are_the_generators_phrases():
         compose("fit_rate", "what is the fit rate for", fit_id(1585)),
         compose("comparison", "compare", technologies(["wind", "solar"]), place("Yorkshire")),
     ]
-    cases = ev.critical_cases(FIT)
-    assert [c.question for c in cases] == [q for q, _ in built]
+    cases = FIT.cases
+    assert [c.input for c in cases] == [q for q, _ in built]
     for case, (_, answer) in zip(cases, built, strict=True):
         assert all(answer[k] == v for k, v in case.expect.items())
     assert cases[2].expect["postcode_patterns"] == list(PLACES["Yorkshire"])
-    assert ev.critical_cases("photo-critic") == []
+    assert get_advisor("photo-critic").cases == ()
 
 
 def test_critical_cases_with_a_stub_model():
@@ -191,7 +194,7 @@ def test_critical_cases_with_a_stub_model():
         asked.extend(questions)
         return [right[q] for q in questions]
 
-    results = ev.run_critical_cases(FIT, stub)
+    results = crit_cases.run_critical_cases(FIT, stub)
     assert asked == list(right) and all(r["passed"] for r in results)
 
     wrong = dict(right)
@@ -200,7 +203,7 @@ def test_critical_cases_with_a_stub_model():
     # only the named fields (and compliance) count: an extra valid field does not fail case 1
     wrong["wind sites over 100kw in berkshire"] = ('{"query_type":"search","technology":"Wind","capacity_min_kw":100,'
                                                     '"postcode_patterns":["RG","SL"],"include_revenue":false}')
-    results = ev.run_critical_cases(FIT, lambda qs: [wrong[q] for q in qs])
+    results = crit_cases.run_critical_cases(FIT, lambda qs: [wrong[q] for q in qs])
     assert [r["passed"] for r in results] == [True, False, False]
     assert not results[1]["compliant"] and results[1]["checks"]["fit_id"]["ok"] is False
     assert results[2]["compliant"] and any("postcode_patterns" in p for p in results[2]["problems"])
@@ -210,8 +213,8 @@ def test_critical_cases_with_a_stub_model():
 # the report, from hand-made arms
 
 
-def _rows(n: int = 5) -> list[ev.EvalRow]:
-    return [ev.EvalRow(i, i + 1, f"question {i}", REFS[i], [{"role": "user", "content": f"question {i}"}])
+def _rows(n: int = 5) -> list[ev_rows.EvalRow]:
+    return [ev_rows.EvalRow(i, i + 1, f"question {i}", REFS[i], [{"role": "user", "content": f"question {i}"}])
             for i in range(n)]
 
 
@@ -219,13 +222,13 @@ def test_report_sections_from_hand_made_arms(tmp_path):
     rendered = [FIT.render(r) for r in REFS]
     answers = {"base": ["no idea"] * 5, "adapter": [ANSWERS[0], rendered[1], ANSWERS[2], rendered[3], ANSWERS[4]]}
     crit = {"base": ["nope"] * 3, "adapter": ['{"query_type":"fit_rate","fit_id":"1585"}'] * 3}
-    report = ev.evaluate_answers(FIT, _rows(), answers, critical=crit, walls={"base": (1.0, 8, 80)},
+    report = rep.evaluate_answers(FIT, _rows(), answers, critical=crit, walls={"base": (1.0, 8, 80)},
                                  config={"split": "test", "batch_size": 4, "max_tokens": 64})
     c = report.comparison("base", "adapter")
     assert c["exact_match"]["b"] == 0.6 and c["exact_match"]["mcnemar"]["b_only"] == 3
     assert c["compliance"]["mcnemar"]["p_value"] == pytest.approx(stats.binom_two_sided_p(0, 5))
     assert [r["passed"] for r in report.critical["adapter"]] == [False, True, False]
-    out = ev.write_report(report, tmp_path / "out")
+    out = rep.write_report(report, tmp_path / "out")
     md = (out / "report.md").read_text()
     for section in ("## Summary", "## Per field", "## Critical cases", "## Worst failures of the adapter arm",
                     "## Where base and adapter differ", "| exact match | 0.0% | 60.0% |"):
@@ -310,7 +313,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_setup, tiny_loaded, on):
     _, _, data = tiny_setup
     model, tok = tiny_loaded
     switch = gen.AdapterSwitch(model)
-    rows = ev.load_rows(data, "test", FIT)
+    rows = ev_rows.load_rows(data, "test", FIT)
     prompts = [gen.chat_prompt(tok, r.messages) for r in rows]
     assert len({len(p) for p in prompts}) > 1  # different lengths: padding is exercised
     try:
@@ -388,9 +391,9 @@ def test_constrained_decoding_makes_a_random_model_write_the_contract(tiny_loade
     free, _ = gen.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40)
     held, _ = gen.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40,
                                 logits_processors=[constraint.processor() for _ in prompts])
-    assert not any(ev.score_answer(adv, {"kind": "wind", "ok": True}, g.text).parsed for g in free)
+    assert not any(metrics.score_answer(adv, {"kind": "wind", "ok": True}, g.text).parsed for g in free)
     for g in held:
-        s = ev.score_answer(adv, {"kind": "wind", "ok": True}, g.text)
+        s = metrics.score_answer(adv, {"kind": "wind", "ok": True}, g.text)
         assert s.compliant and g.finish_reason == "stop", g.text
         assert " " not in g.text  # compact, as Advisor.render writes training answers
 

@@ -1,4 +1,5 @@
-"""fit-query question generator: contract validity, exact critical cases, determinism, noise."""
+"""fit-query question generator (demo.questions, question_phrases, fit_vocabulary, question_noise):
+contract validity, exact critical cases, determinism, noise."""
 
 import random
 import re
@@ -7,19 +8,15 @@ from collections import Counter
 import pytest
 
 from mondrian.core.contracts import Advisor, load_advisors
-from mondrian.demo import questions as fq
-from mondrian.demo.questions import (
-    CATEGORIES,
-    PLACES,
-    TECHNOLOGY_SYNONYMS,
-    add_typo,
+from mondrian.demo.fit_vocabulary import FIELD_ORDER, PLACES, TECHNOLOGY_SYNONYMS
+from mondrian.demo.question_noise import TYPO_KINDS, add_typo
+from mondrian.demo.question_phrases import (
     capacity_between,
     capacity_max,
     capacity_min,
     compose,
     excluding,
     fit_id,
-    generate,
     place,
     regional,
     revenue,
@@ -27,6 +24,7 @@ from mondrian.demo.questions import (
     technologies,
     technology,
 )
+from mondrian.demo.questions import CATEGORIES, Example, generate
 
 YORKSHIRE = ["YO", "HU", "DN", "HD", "WF", "LS", "BD"]
 
@@ -38,7 +36,7 @@ def contract() -> Advisor:
 
 
 @pytest.fixture(scope="module")
-def sample() -> list[fq.Example]:
+def sample() -> list[Example]:
     return generate(1000, seed=0)
 
 
@@ -209,7 +207,7 @@ def test_deterministic_and_seed_sensitive() -> None:
     assert generate(50, seed=3) == generate(200, seed=3)[:50]
 
 
-def test_every_category_appears(sample: list[fq.Example]) -> None:
+def test_every_category_appears(sample: list[Example]) -> None:
     counts = Counter(e.category for e in sample)
     assert set(counts) == set(CATEGORIES)
     assert min(counts.values()) >= 20
@@ -217,7 +215,7 @@ def test_every_category_appears(sample: list[fq.Example]) -> None:
     assert set(types) == {"search", "fit_rate", "comparison", "aggregation"}
 
 
-def test_answers_are_consistent(sample: list[fq.Example]) -> None:
+def test_answers_are_consistent(sample: list[Example]) -> None:
     for ex in sample:
         a = ex.answer
         for key in ("capacity_min_kw", "capacity_max_kw"):
@@ -227,7 +225,7 @@ def test_answers_are_consistent(sample: list[fq.Example]) -> None:
             assert a["capacity_min_kw"] < a["capacity_max_kw"], ex
         if ex.category == "fit_rate":
             assert a["fit_id"] in ex.question, ex
-        assert list(a) == [k for k in fq.FIELD_ORDER if k in a]
+        assert list(a) == [k for k in FIELD_ORDER if k in a]
 
 
 def test_typos_keep_answers() -> None:
@@ -244,7 +242,7 @@ def test_typos_keep_answers() -> None:
     assert changed > 0.9 * len(clean)
 
 
-@pytest.mark.parametrize("kind", fq.TYPO_KINDS)
+@pytest.mark.parametrize("kind", TYPO_KINDS)
 def test_add_typo_kinds(kind: str) -> None:
     text = "wind sites over 100kw in Berkshire"
     for s in range(50):

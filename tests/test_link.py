@@ -4,13 +4,14 @@ import io
 import json
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import load_advisors
-from mondrian.core.db import DBError, create_jobs_table, open_db
+from mondrian.core.db import DBError, connect, create_jobs_table, open_db
 from mondrian.core.workspace import load_workspace
 from mondrian.demo.images import generate_image
 from mondrian.link.linker import REASONS, link_workspace
@@ -235,3 +236,49 @@ def test_a_user_advisor_needs_no_code(tmp_path):
                                                        "system_prompt: x\nschema: {type: object}\n")
     with pytest.raises(ConfigError, match="broken.yaml: input_kind 'audio'"):
         link_workspace(load_workspace(tmp_path), progress=False)
+
+
+# --- mondrian.core.db.connect: the one way every module opens SQLite ---
+
+
+def test_connect_refuses_missing_and_unusable_files(tmp_path):
+    missing = tmp_path / "none.db"
+    with pytest.raises(DBError, match="none.db: no such database file"):
+        connect(missing)
+    with pytest.raises(DBError, match="no such database file"):
+        connect(missing, read_only=True)
+    assert not missing.exists()  # neither mode creates the file
+    with pytest.raises(ValueError, match="read-only"):
+        connect(missing, create=True, read_only=True)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database, just some bytes " * 4)
+    for kw in ({}, {"read_only": True}, {"create": True}):
+        with pytest.raises(DBError, match="junk.db: not a usable SQLite database"):
+            connect(junk, **kw)
+
+
+def test_connect_settings_for_writers_and_readers(tmp_path):
+    path = tmp_path / "new.db"
+    conn = connect(path, create=True, timeout=2.5)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the default
+    assert conn.isolation_level == ""
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.commit()
+    conn.close()
+    writer = connect(path, autocommit=True)  # the request log's group-commit writer
+    assert writer.isolation_level is None
+    assert writer.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    writer.execute("INSERT INTO t VALUES (1)")  # committed at once
+    reader = connect(path, read_only=True)
+    assert reader.execute("SELECT x FROM t").fetchall() == [(1,)]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.execute("INSERT INTO t VALUES (2)")
+    reader.close()
+    writer.close()
+    db = open_db(path)  # sqlite_utils on top of connect, usable from any thread
+    assert db.journal_mode == "wal" and db["t"].count == 1
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(lambda: db["t"].count).result() == 1
+    db.conn.close()

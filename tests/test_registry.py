@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mondrian.core.adapters import check_adapter
 from mondrian.core.fingerprint import file_sha256
-from mondrian.registry.store import CARD, Registry, RegistryError, check_adapter
+from mondrian.registry.fuse import export_fused
+from mondrian.registry.records import CARD, RegistryError
+from mondrian.registry.store import Registry
 from tests.helpers import LORA, ROOT, write_random_adapter
 
 ADV = "fit-query"
@@ -84,8 +87,9 @@ def test_publish_list_show_verify_and_immutability(tmp_path, run_dir, tiny_llama
 
 def test_publish_from_a_training_run_then_mlx_lm_generate(tmp_path, tiny_llama):
     """A real (4-step) training run, published from its runs row; mlx-lm's CLI loads the version."""
+    from mondrian.train.config import load_config
+    from mondrian.train.run import train
     from mondrian.train.runs import RunStore
-    from mondrian.train.text import load_config, train
 
     data = tmp_path / "data"
     data.mkdir()
@@ -182,7 +186,7 @@ def test_wrong_base_model_is_refused(tmp_path, run_dir, tiny_llama):
     assert "refused to load fit-query v1" in msg and "tiny:llama" in msg
     assert f"fingerprint {tiny_llama.fingerprint[:12]}" in msg and f"fingerprint {other[:12]}" in msg
     with pytest.raises(RegistryError, match="refused to load fit-query v1"):
-        reg.export_fused(ADV, "v1", tiny_llama.path, tmp_path / "fused", base_model_fingerprint=other)
+        export_fused(reg, ADV, "v1", tiny_llama.path, tmp_path / "fused", base_model_fingerprint=other)
     assert not (tmp_path / "fused").exists()
     with pytest.raises(RegistryError, match="is not a sha256"):
         _publish(reg, run_dir, "tiny:llama")
@@ -300,7 +304,7 @@ def test_export_fused_matches_base_plus_adapter(tmp_path, run_dir, tiny_llama):
     reg = Registry(tmp_path / "adapters")
     _publish(reg, run_dir, tiny_llama.fingerprint)
     reg.set_alias(ADV, "production", "v1")
-    out = reg.export_fused(ADV, "production", tiny_llama.path, tmp_path / "fused",
+    out = export_fused(reg, ADV, "production", tiny_llama.path, tmp_path / "fused",
                            base_model_fingerprint=tiny_llama.fingerprint)
     assert json.loads((out / "mondrian_export.json").read_text())["version"] == "v1"
 
@@ -316,7 +320,7 @@ def test_export_fused_matches_base_plus_adapter(tmp_path, run_dir, tiny_llama):
     assert not mx.allclose(lb, la, atol=1e-2).item()  # the adapter matters: the check has teeth
     assert generate(fused, ftok, prompt, max_tokens=8) == generate(adapted, tok, prompt, max_tokens=8)
     with pytest.raises(RegistryError, match="already exists"):
-        reg.export_fused(ADV, "v1", tiny_llama.path, out, base_model_fingerprint=tiny_llama.fingerprint)
+        export_fused(reg, ADV, "v1", tiny_llama.path, out, base_model_fingerprint=tiny_llama.fingerprint)
 
 
 def test_kill_9_mid_publish_leaves_no_version(tmp_path, run_dir, tiny_llama):

@@ -10,15 +10,8 @@ import time
 
 import pytest
 
-from mondrian.serve.requests_log import (
-    COLUMNS,
-    VIEWS,
-    RequestLog,
-    create_tables,
-    now_iso,
-    record_routing,
-    validate_row,
-)
+from mondrian.core.db import REQUEST_COLUMNS, REQUEST_VIEWS, create_request_tables
+from mondrian.serve.requests_log import RequestLog, now_iso, record_routing, validate_row
 from tests.helpers import ROOT
 
 CONFIG = {"arms": [{"name": "control", "version": "v1", "weight": 50},
@@ -171,8 +164,8 @@ def test_missing_required_keys_are_named(tmp_path):
         with pytest.raises(ValueError, match=f"'{key}'"):
             validate_row(r)
     # Optional keys may be left out; a bool contract_ok is stored as 1/0.
-    values = validate_row({k: v for k, v in row(1).items() if COLUMNS[k][1]} | {"contract_ok": True})
-    assert values[list(COLUMNS).index("contract_ok")] == 1
+    values = validate_row({k: v for k, v in row(1).items() if REQUEST_COLUMNS[k][1]} | {"contract_ok": True})
+    assert values[list(REQUEST_COLUMNS).index("contract_ok")] == 1
 
 
 def test_duplicate_id_fails_only_its_own_future(tmp_path):
@@ -223,16 +216,16 @@ def test_close_flushes_and_then_refuses(tmp_path):
 
 def test_create_tables_is_idempotent_and_upgrades_views(tmp_path):
     db = tmp_path / "r.db"
-    create_tables(db)
+    create_request_tables(db)
     conn = sqlite3.connect(db)
     version = conn.execute("PRAGMA schema_version").fetchone()[0]
-    create_tables(conn)
+    create_request_tables(conn)
     assert conn.execute("PRAGMA schema_version").fetchone()[0] == version  # nothing rewritten
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"requests", "routing_configs", *VIEWS} <= names
+    assert {"requests", "routing_configs", *REQUEST_VIEWS} <= names
     assert {"requests_advisor_arm", "requests_received_at", "requests_served_version"} <= names
     conn.executescript("DROP VIEW ab_arms; CREATE VIEW ab_arms AS SELECT 1 AS old")
-    create_tables(conn)
+    create_request_tables(conn)
     cols = [d[0] for d in conn.execute("SELECT * FROM ab_arms").description]
     assert cols[:3] == ["advisor", "arm", "requests"]
 

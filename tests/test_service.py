@@ -332,10 +332,11 @@ def test_service_without_any_adapter(tmp_path, tiny_llama, reference):
 def test_image_helper_accepts_real_images():
     from PIL import Image
 
-    from mondrian.serve.service import ServiceError, _image_sha256
+    from mondrian.serve.errors import ServiceError
+    from mondrian.serve.uploads import image_sha256
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buf, "PNG")
-    assert len(_image_sha256(buf.getvalue())) == 64
+    assert len(image_sha256(buf.getvalue())) == 64
     with pytest.raises(ServiceError, match="empty"):
-        _image_sha256(b"")
+        image_sha256(b"")

@@ -1,4 +1,4 @@
-"""mondrian.models.tiny: tiny random-weight models that the real loaders accept, built offline."""
+"""mondrian.models.tiny / tiny_vlm: tiny random-weight models that the real loaders accept, built offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mondrian.models import tiny
+from mondrian.models import tiny, tiny_tokenizer
+from mondrian.models.tiny_vlm import build_tiny_qwen2_vl
 
 ROUND_TRIP = "Größe 1.5 MW, £20 — 東京"
 SMALL = {"hidden_size": 64, "num_layers": 2}  # for tests about files, not about the model
@@ -22,7 +23,7 @@ def text_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def vl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny.build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny") / "qwen2_vl")
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny") / "qwen2_vl")
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_existing_build_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("rebuilt a complete model")
 
-    monkeypatch.setattr(tiny, "_train_tokenizer", fail)
+    monkeypatch.setattr(tiny_tokenizer, "train_tokenizer", fail)
     assert tiny.build_tiny_text(tmp_path / "m", **SMALL) == target
     assert (target / "model.safetensors").stat().st_mtime_ns == before
 

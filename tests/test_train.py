@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from mondrian.core.config import ConfigError
+from mondrian.train.config import load_config
+from mondrian.train.loop import TrainError
+from mondrian.train.run import train
 from mondrian.train.runs import RunStore
-from mondrian.train.text import TrainError, load_config, train
 from tests.helpers import ROOT, pipeline_dataset
 
 
@@ -125,6 +127,11 @@ def test_errors_before_training(fit_data, tmp_path):
         train(load_config(_config(tmp_path, data, max_seq_length=16)), progress=False)
     with pytest.raises(TrainError, match="does not exist"):
         train(load_config(_config(tmp_path, tmp_path / "nope")), progress=False)
+    with pytest.raises(TrainError, match="num_layers 7 > the model's 6 language layers"):
+        train(load_config(_config(tmp_path, data, num_layers=7)), progress=False)
+    with pytest.raises(TrainError, match="no Linear 'self_attn.nope' in block model.layers.2"):
+        train(load_config(_config(tmp_path, data, lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0,
+                                                                  "keys": ["self_attn.nope"]})), progress=False)
     with pytest.raises(ConfigError, match="unknown key\\(s\\) learning_rat "):
         load_config(_config(tmp_path, data, learning_rat=1e-3))
     with pytest.raises(ConfigError, match="alpha"):

@@ -14,9 +14,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mondrian.core.adapters import AdapterError, lora_targets
+from mondrian.train import loop
+from mondrian.train.config import TrainConfig
+from mondrian.train.loop import TrainError
 from mondrian.train.runs import RunStore
-from mondrian.train.text import TrainConfig, TrainError
-from mondrian.train.vision import _load_adapter_weights, _run, train_vision
+from mondrian.train.vision import _run, train_vision
 from tests.helpers import pipeline_dataset
 
 
@@ -54,7 +57,7 @@ def _metrics(db: Path, run_id: str, name: str) -> list[tuple[int, float]]:
 
 
 def _db(data: Path) -> Path:
-    return data.parent.parent / "mondrian.db"  # the workspace's, as mondrian/train/text.py's _runs_db picks
+    return data.parent.parent / "mondrian.db"  # the workspace's, as mondrian/train/loop.py's runs_db picks
 
 
 def test_loss_falls_and_the_run_is_recorded(trained, vision_data):
@@ -143,9 +146,9 @@ def test_adapter_names_are_checked_where_mlx_vlm_does_not(trained, tmp_path):
     cfg, _, model, _ = trained
     weights = mx.load(str(Path(cfg.adapter_path) / "adapters.safetensors"))
     renamed = {k.removeprefix("language_model."): v for k, v in weights.items()}
-    mx.save_safetensors(str(tmp_path / "a.safetensors"), renamed)
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), renamed)
     with pytest.raises(TrainError, match="do not match the LoRA layers"):
-        _load_adapter_weights(model, tmp_path / "a.safetensors")
+        loop.restore_adapter(model, tmp_path)
 
 
 def test_resume_matches_an_uninterrupted_run(trained, vision_data, tmp_path):
@@ -260,6 +263,9 @@ def test_errors_before_training(vision_data, tmp_path):
         train_vision(_cfg(vision_data, out, max_seq_length=64), progress=False)
     with pytest.raises(TrainError, match="num_layers 3 > the model's 2 language layers"):
         train_vision(_cfg(vision_data, out, num_layers=3), progress=False)
+    with pytest.raises(TrainError, match="no Linear 'self_attn.nope'"):  # core's rule, the trainer's error
+        train_vision(_cfg(vision_data, out, lora_parameters={"rank": 8, "scale": 4.0, "dropout": 0.0,
+                                                             "keys": ["self_attn.nope"]}), progress=False)
     with pytest.raises(TrainError, match="fine_tune_type 'dora'"):
         train_vision(_cfg(vision_data, out, fine_tune_type="dora"), progress=False)
     assert not out.exists()  # nothing written by a refused run
@@ -269,13 +275,12 @@ def test_num_layers_and_keys_keep_mlx_lm_meaning():
     import mlx_vlm
 
     from mondrian.models.sources import resolve
-    from mondrian.train.vision import lora_targets
 
     model, _ = mlx_vlm.load(resolve("tiny:qwen2-vl").path)
-    last = lora_targets(model, 1, None)
+    last = list(lora_targets(model, 1, None))
     assert len(last) == 7 and all(n.startswith("language_model.model.layers.1.") for n in last)
-    assert lora_targets(model, 2, ["self_attn.q_proj", "mlp.up_proj"]) == [
+    assert list(lora_targets(model, 2, ["self_attn.q_proj", "mlp.up_proj"])) == [
         "language_model.model.layers.0.self_attn.q_proj", "language_model.model.layers.0.mlp.up_proj",
         "language_model.model.layers.1.self_attn.q_proj", "language_model.model.layers.1.mlp.up_proj"]
-    with pytest.raises(TrainError, match="no Linear 'self_attn.nope'"):
+    with pytest.raises(AdapterError, match="no Linear 'self_attn.nope'"):
         lora_targets(model, 1, ["self_attn.nope"])

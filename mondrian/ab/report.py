@@ -1,6 +1,6 @@
 """The analyst's A/B report over the served-requests log (`mondrian ab report`).
 
-`ab_report(db_path, ...)` reads the `requests` table (mondrian.serve.requests_log) read-only and
+`ab_report(db_path, ...)` reads the `requests` table (schema in mondrian.core.db) read-only and
 returns a JSON-serializable dict; `format_report` renders it as markdown tables.
 
 Per advisor:
@@ -32,32 +32,27 @@ Per advisor:
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mondrian.core.db import DBError
+from mondrian.core.db import PINNED_ARM, REQUEST_ERROR_SQL, DBError, connect
 from mondrian.evaluate.stats import SRM_ALPHA, mcnemar, percentile, srm_chi2, two_proportion_ztest
 
 ERROR_RATE_MAX = 0.05  # rollback when an arm's error rate is above this
 P95_LATENCY_MAX_MS = 500.0  # ... or its p95 latency is above this
 CONTROL_ARM = "control"
-PINNED_ARM = "pinned"
-_ERR = "(error IS NOT NULL OR status >= 500)"
 
 
-def _connect_ro(db_path: str | Path) -> sqlite3.Connection:
-    path = Path(db_path)
-    if not path.is_file():
-        raise DBError(f"{path}: no such database file")
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    except sqlite3.DatabaseError as exc:
-        raise DBError(f"{path}: not a usable SQLite database ({exc})") from exc
+def _open_log(db_path: str | Path) -> sqlite3.Connection:
+    """A read-only connection to a database that has the `requests` table."""
+    conn = connect(db_path, read_only=True)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     if "requests" not in tables:
         conn.close()
-        raise DBError(f"{path}: no 'requests' table (tables: {', '.join(sorted(tables)) or 'none'}); "
+        raise DBError(f"{Path(db_path)}: no 'requests' table "
+                      f"(tables: {', '.join(sorted(tables)) or 'none'}); "
                       "it is written by the advisor service's request log")
     return conn
 
@@ -117,8 +112,9 @@ def _grouped(conn: sqlite3.Connection, key: str, where: str, params: list) -> di
     agg = {}
     for row in conn.execute(
             f"SELECT advisor, {key}, count(*), sum(contract_ok = 1), count(contract_ok), "
-            f"count(fallback), sum({_ERR}), avg(prompt_tokens), avg(completion_tokens), "
-            f"min(received_at), max(received_at) FROM requests WHERE {where} "
+            f"count(fallback), sum({REQUEST_ERROR_SQL}), avg(prompt_tokens), "
+            f"avg(completion_tokens), min(received_at), max(received_at) "
+            f"FROM requests WHERE {where} "
             f"GROUP BY advisor, {key}", params):
         agg[(row[0], row[1])] = row[2:]
     lat: dict = {k: [] for k in agg}
@@ -151,8 +147,6 @@ def _where(advisor: str | None, since: str | None, alias: str = "") -> tuple[lis
 
 def _srm(conn: sqlite3.Connection, advisor: str | None, since: str | None, alpha: float) -> dict:
     """SRM checks per advisor: {advisor: [check per routing_id]}."""
-    import json
-
     clauses, params = _where(advisor, since)
     where = " AND ".join(["shadow_of IS NULL", f"arm <> '{PINNED_ARM}'", *clauses])
     seen: dict = {}
@@ -232,7 +226,7 @@ def ab_report(db_path: str | Path, advisor: str | None = None, control: str | No
     (a ValueError) for a missing file or a missing `requests` table, ValueError for bad
     arguments (naming them)."""
     since_utc = normalize_since(since)
-    conn = _connect_ro(db_path)
+    conn = _open_log(db_path)
     try:
         clauses, params = _where(advisor, since_utc)
         served = _grouped(conn, "arm", " AND ".join(["shadow_of IS NULL", *clauses]), params)

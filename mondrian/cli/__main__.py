@@ -2,7 +2,7 @@
 
 import sys
 
-from mondrian.cli import main
+from mondrian.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

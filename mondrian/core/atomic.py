@@ -1,8 +1,9 @@
-"""Atomic folder output: build beside the target, then swap it in with one rename.
+"""Atomic output: build beside the target, then swap it in with one rename.
 
 Everything mondrian writes as a folder (imported models, manifests, datasets,
-workspaces, adapters) goes through `atomic_folder`, so a crash or kill at any
-moment leaves either the old folder or the new one, never a half-written one.
+workspaces, adapters) goes through `atomic_folder`, and single files (reports, registry
+state) through `write_text_atomic`, so a crash or kill at any moment leaves either the old
+output or the new one, never a half-written one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,38 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a power loss cannot undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str, *, durable: bool = False) -> None:
+    """Replace the file `path` with `text` in one rename. `durable` also fsyncs the file and
+    its folder (registry state must survive a power loss; a report need not)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; this is ordinary output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 def swap_in(tmp: Path, target: Path) -> None:

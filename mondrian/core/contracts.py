@@ -1,7 +1,9 @@
 """Advisor contracts: name, input kind, system prompt and the JSON Schema every answer meets.
 
 The shipped advisors live in `mondrian/advisors/*.yaml`; a user adds one by dropping a
-YAML file of the same shape into a workspace's advisors folder: no code needed.
+YAML file of the same shape into a workspace's advisors folder: no code needed. An optional
+`cases` list gives the advisor's critical cases (an input and the output fields it must get
+exactly right), which every evaluation runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 
-from mondrian.core.config import ConfigError, load_yaml
+from mondrian.core.config import ConfigError, from_dict, load_yaml
 
 BUILTIN_DIR = Path(__file__).parents[1] / "advisors"
 INPUT_KINDS = ("text", "image")
@@ -30,12 +32,23 @@ class Violation:
 
 
 @dataclass(frozen=True)
+class Case:
+    """A critical case: `input` (the question) must get every field of `expect` exactly;
+    fields it does not name are not checked (contract compliance still is)."""
+
+    name: str
+    input: str
+    expect: dict
+
+
+@dataclass(frozen=True)
 class Advisor:
     name: str
     input_kind: str
     system_prompt: str
     schema: dict
     source: str = ""
+    cases: tuple[Case, ...] = ()  # evaluation only: not part of the fingerprint
     _validator: jsonschema.protocols.Validator = field(default=None, repr=False, compare=False)
 
     @property
@@ -45,6 +58,8 @@ class Advisor:
 
     @cached_property
     def fingerprint(self) -> str:
+        # Cases are left out: adding a test case must not change the identity of the contract
+        # (manifests and datasets are keyed by this fingerprint).
         body = json.dumps({"name": self.name, "input_kind": self.input_kind,
                            "system_prompt": self.system_prompt, "schema": self.schema},
                           sort_keys=True, separators=(",", ":"))
@@ -95,14 +110,58 @@ def loads_strict(text: str):
     return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
 
 
+def _load_case(path: Path, i: int, item: object, schema: dict, cls: type) -> Case:
+    named = isinstance(item, dict) and isinstance(item.get("name"), str)
+    where = f"{path}: case {item['name']!r}" if named else f"{path}: case {i + 1}"
+    if isinstance(item, dict):
+        missing = sorted({"name", "input", "expect"} - set(item))
+        if missing:
+            raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    case = from_dict(Case, item, where)  # refuses unknown keys by name
+    if not isinstance(case.name, str) or not case.name.strip():
+        raise ConfigError(f"{where}: name must be a non-empty string")
+    if not isinstance(case.input, str) or not case.input.strip():
+        raise ConfigError(f"{where}: input must be a non-empty string")
+    if not isinstance(case.expect, dict) or not case.expect:
+        raise ConfigError(f"{where}: expect must be a non-empty mapping of output fields")
+    props = schema.get("properties", {})
+    unknown = sorted(k for k in case.expect if k not in props)
+    if unknown:
+        raise ConfigError(f"{where}: expect names {', '.join(unknown)}, not field(s) of the "
+                          f"output schema (fields: {', '.join(props)})")
+    # Each expected value must be one the contract allows, so a case can be passed at all;
+    # $defs travel along so a field's $ref still resolves.
+    defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+    for key, value in case.expect.items():
+        sub = props[key]
+        check = cls({**sub, **defs} if isinstance(sub, dict) else sub, format_checker=cls.FORMAT_CHECKER)
+        err = jsonschema.exceptions.best_match(check.iter_errors(value))
+        if err is not None:
+            raise ConfigError(f"{where}: expect {key}: {err.message}")
+    return case
+
+
+def _load_cases(path: Path, items: object, schema: dict, cls: type) -> tuple[Case, ...]:
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: cases must be a list, got {type(items).__name__}")
+    cases = tuple(_load_case(path, i, item, schema, cls) for i, item in enumerate(items))
+    seen: set[str] = set()
+    for case in cases:
+        if case.name in seen:
+            raise ConfigError(f"{path}: case {case.name!r}: two cases have this name")
+        seen.add(case.name)
+    return cases
+
+
 def load_advisor(path: str | Path) -> Advisor:
     path = Path(path)
     data = load_yaml(path)
-    known = {"name", "input_kind", "system_prompt", "schema"}
+    required = {"name", "input_kind", "system_prompt", "schema"}
+    known = required | {"cases"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    missing = sorted(known - set(data))
+    missing = sorted(required - set(data))
     if missing:
         raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
     if data["input_kind"] not in INPUT_KINDS:
@@ -115,9 +174,10 @@ def load_advisor(path: str | Path) -> Advisor:
         raise ConfigError(f"{path}: schema is not a valid JSON Schema ({exc.message})") from exc
     if schema.get("type") != "object":
         raise ConfigError(f"{path}: schema must describe a JSON object (type: object)")
+    cases = _load_cases(path, data.get("cases", []), schema, cls)
     return Advisor(name=str(data["name"]), input_kind=data["input_kind"],
                    system_prompt=str(data["system_prompt"]).strip(), schema=schema, source=str(path),
-                   _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+                   cases=cases, _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
 
 
 def load_advisors(extra_dirs: list[str | Path] = ()) -> dict[str, Advisor]:

@@ -23,6 +23,7 @@ Analysis definitions (all from pixels):
 
 from __future__ import annotations
 
+import io
 import random
 from typing import Any
 
@@ -111,6 +112,13 @@ def generate_image(seed: int, size: int = 128) -> tuple[Image.Image, dict[str, A
     """(image, critique) for seed; the critique is read from the rendered pixels."""
     img = render(seed, size)
     return img, analyze_image(img)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """The image as a PNG file's bytes (what an upload would store)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # --- analysis --------------------------------------------------------------------------------

@@ -18,6 +18,27 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from mondrian.ab.report import ab_report, format_report
+from mondrian.core.contracts import get_advisor, load_advisors
+from mondrian.core.jsonl import read_jsonl
+from mondrian.core.workspace import load_workspace
+from mondrian.dataset.build import build_dataset
+from mondrian.demo.workspace import write_demo_workspace
+from mondrian.evaluate.report import EvalReport
+from mondrian.evaluate.run import evaluate
+from mondrian.link.linker import link_workspace
+from mondrian.models.sources import ModelCard, resolve
+from mondrian.registry.records import Version
+from mondrian.registry.store import Registry
+from mondrian.serve.app import run_server
+from mondrian.serve.routing import AdvisorRoute, Arm
+from mondrian.serve.service import Service, ServiceConfig
+from mondrian.train.config import load_config
+from mondrian.train.loop import TrainResult
+from mondrian.train.run import train
+from mondrian.train.runs import RunStore
 
 # The LoRA recipe lives in the repository's lora/ folder (recipes are not Python).
 CONFIG = Path(__file__).resolve().parents[2] / "lora" / "fit-query.yaml"
@@ -37,91 +58,101 @@ class DemoOptions:
     max_seq_length: int = 256
 
 
-def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
-    from mondrian.ab.report import ab_report, format_report
-    from mondrian.core.contracts import get_advisor, load_advisors
-    from mondrian.core.jsonl import read_jsonl
-    from mondrian.core.workspace import load_workspace
-    from mondrian.dataset.build import build_dataset
-    from mondrian.demo.workspace import write_demo_workspace
-    from mondrian.evaluate.run import evaluate
-    from mondrian.link.linker import link_workspace
-    from mondrian.models.sources import resolve
-    from mondrian.registry.store import Registry
-    from mondrian.serve.routing import AdvisorRoute, Arm
-    from mondrian.serve.service import Service, ServiceConfig, run_server
-    from mondrian.train.runs import RunStore
-    from mondrian.train.text import load_config, train
+class _Steps:
+    """Numbered step headings ("[3/9] link jobs -> manifest"); details go through `say`."""
 
-    total = 9
-    step = iter(range(1, total + 1))
+    def __init__(self, say: Callable[[str], None], total: int = 9):
+        self.say, self.total, self.done = say, total, 0
 
-    def head(text: str) -> None:
-        say(f"[{next(step)}/{total}] {text}")
+    def head(self, text: str) -> None:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {text}")
 
-    head(f"base model: {opts.model}")
-    card = resolve(opts.model)
-    say(f"      {card.path} (fingerprint {card.fingerprint[:12]})")
 
+def _data(opts: DemoOptions, steps: _Steps, card: ModelCard) -> Path:
+    """Demo workspace -> link -> dataset; returns the dataset folder."""
+    say = steps.say
     root = Path(opts.folder)
-    head(f"demo workspace: {root}")
+    steps.head(f"demo workspace: {root}")
     info = write_demo_workspace(root, overwrite=True)
     say(f"      {info['jobs']} jobs with realistic defects")
 
-    head("link jobs -> manifest")
+    steps.head("link jobs -> manifest")
     ws = load_workspace(root)
     say(f"      {link_workspace(ws, progress=False).line()}")
 
-    head("dataset fit-query -> train/valid/test")
+    steps.head("dataset fit-query -> train/valid/test")
     data = root / "datasets" / ADVISOR
     report = build_dataset(root / "manifest", get_advisor(ADVISOR), data, data_root=ws.data_path,
                            tokenizer_path=card.path, max_seq_length=opts.max_seq_length)
     c = report.counts
     say(f"      train {c['train']}, valid {c['valid']}, test {c['test']}; "
         f"leakage check {'ok' if report.leakage.ok else 'FAILED'}")
+    return data
 
-    db = root / "mondrian.db"
-    run_dir = root / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} (make train-full for the quality run)")
-    from mlx_lm.utils import load_config as model_config
 
+def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Path,
+           run_dir: Path) -> TrainResult:
+    from mlx_lm.utils import load_config as model_config  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; only a demo run needs it
+
+    steps.head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} "
+               "(make train-full for the quality run)")
     layers = model_config(Path(card.path)).get("num_hidden_layers", 16)
-    cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model, "data": str(data), "adapter_path": str(run_dir),
+    cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model,
+                               "data": str(data), "adapter_path": str(run_dir),
                                "db": str(db), "iters": opts.iters, "steps_per_eval": opts.iters,
                                "save_every": opts.iters, "val_batches": 2,
                                "max_seq_length": opts.max_seq_length})
     result = train(cfg, progress=True)
-    say(f"      run {result.run_id}: {result.status}, validation loss {result.first_val_loss:.3f} -> "
-        f"{result.best_val_loss:.3f} ({result.seconds:.0f} s)")
+    steps.say(f"      run {result.run_id}: {result.status}, validation loss "
+              f"{result.first_val_loss:.3f} -> {result.best_val_loss:.3f} ({result.seconds:.0f} s)")
+    return result
 
-    head(f"evaluate base vs adapter on {opts.eval_limit} test rows")
+
+def _evaluate(opts: DemoOptions, steps: _Steps, data: Path, db: Path, run_dir: Path,
+              run_id: str) -> tuple[EvalReport, dict[str, Any]]:
+    """Base vs adapter on part of the test split; returns the report and its summary."""
+    steps.head(f"evaluate base vs adapter on {opts.eval_limit} test rows")
     ev = evaluate(opts.model, run_dir, data, get_advisor(ADVISOR), limit=opts.eval_limit,
-                  max_tokens=opts.max_tokens, db=db, out_dir=root / "evals" / f"{result.run_id}-eval", progress=True)
+                  max_tokens=opts.max_tokens, db=db,
+                  out_dir=Path(opts.folder) / "evals" / f"{run_id}-eval", progress=True)
     s = ev.summary()
     for arm in ("base", "adapter"):
-        say(f"      {arm:8s} compliance {s[arm]['compliance']:.1%}  exact {s[arm]['exact_match']:.1%}  "
-            f"fields {s[arm]['field_accuracy']:.1%}")
-    say(f"      report: {Path(ev.out_dir) / 'report.md'}")
+        steps.say(f"      {arm:8s} compliance {s[arm]['compliance']:.1%}  "
+                  f"exact {s[arm]['exact_match']:.1%}  fields {s[arm]['field_accuracy']:.1%}")
+    steps.say(f"      report: {Path(ev.out_dir) / 'report.md'}")
+    return ev, s
 
-    head("publish")
+
+def _publish(opts: DemoOptions, steps: _Steps, db: Path, run_id: str,
+             ev: EvalReport) -> tuple[str | None, Version]:
+    """Publish the run as the candidate; returns (production version or None, new version)."""
+    steps.head("publish")
     reg = Registry(opts.registry)
     previous = reg.aliases(ADVISOR).get("production") if ADVISOR in reg.advisors() else None
     store = RunStore(db)
-    run = store.get(result.run_id)
+    run = store.get(run_id)
     store.close()
-    version = reg.publish_run(run, ADVISOR, metrics=json.loads((Path(ev.out_dir) / "metrics.json").read_text()),
-                              extra_files={"eval_report.md": Path(ev.out_dir) / "report.md"})
+    out_dir = Path(ev.out_dir)
+    version = reg.publish_run(run, ADVISOR, metrics=json.loads((out_dir / "metrics.json").read_text()),
+                              extra_files={"eval_report.md": out_dir / "report.md"})
     reg.set_alias(ADVISOR, "candidate", version.version)
     if previous is None:
-        say(f"      {version.version} at {version.path} (candidate; no production yet: base is the control)")
+        steps.say(f"      {version.version} at {version.path} "
+                  "(candidate; no production yet: base is the control)")
     else:
-        say(f"      {version.version} at {version.path} (candidate; production is {previous})")
+        steps.say(f"      {version.version} at {version.path} (candidate; production is {previous})")
+    return previous, version
 
-    head("serve on 127.0.0.1 and send A/B traffic")
-    arms = [Arm("control", previous, 1.0), Arm("candidate", version.version, 1.0)]
-    route = AdvisorRoute(model=opts.model, arms=arms, sticky="user", fallback="none", max_tokens=opts.max_tokens)
 
-    def resolve_model(spec: str):
+def _start_service(opts: DemoOptions, db: Path, previous: str | None,
+                   candidate: str) -> tuple[Service, str]:
+    """The advisor service on a free 127.0.0.1 port, routing 50/50; returns it and its URL."""
+    arms = [Arm("control", previous, 1.0), Arm("candidate", candidate, 1.0)]
+    route = AdvisorRoute(model=opts.model, arms=arms, sticky="user", fallback="none",
+                         max_tokens=opts.max_tokens)
+
+    def resolve_model(spec: str) -> tuple[str, str, str]:
         c = resolve(spec)
         return c.name, c.path, c.fingerprint
 
@@ -135,8 +166,15 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
     server.start()
     while not ports:
         time.sleep(0.01)
-    url = f"http://127.0.0.1:{ports[0]}"
-    say(f"      {url}: control={previous or 'base'}, candidate={version.version} (50/50, sticky by user)")
+    return service, f"http://127.0.0.1:{ports[0]}"
+
+
+def _ab_traffic(opts: DemoOptions, steps: _Steps, db: Path, data: Path, previous: str | None,
+                version: Version) -> None:
+    steps.head("serve on 127.0.0.1 and send A/B traffic")
+    service, url = _start_service(opts, db, previous, version.version)
+    steps.say(f"      {url}: control={previous or 'base'}, candidate={version.version} "
+              "(50/50, sticky by user)")
     questions = [r["messages"][1]["content"] for _, r in read_jsonl(data / "test.jsonl")]
 
     def ask(i: int) -> dict:
@@ -153,11 +191,29 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict:
     by_arm: dict[str, list[bool]] = {}
     for a in answers:
         by_arm.setdefault(a["arm"], []).append(a["contract_ok"])
-    say(f"      {len(answers)} requests in {wall:.1f} s; "
-        + ", ".join(f"{k}: {len(v)} answered, {sum(v)} met the contract" for k, v in sorted(by_arm.items())))
+    steps.say(f"      {len(answers)} requests in {wall:.1f} s; "
+              + ", ".join(f"{k}: {len(v)} answered, {sum(v)} met the contract"
+                          for k, v in sorted(by_arm.items())))
     service.close()
 
-    head(f"A/B report from {db} (mondrian ab report --db {db})")
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run every step, reporting progress through `say`; returns run, eval, version and A/B."""
+    steps = _Steps(say)
+    steps.head(f"base model: {opts.model}")
+    card = resolve(opts.model)
+    say(f"      {card.path} (fingerprint {card.fingerprint[:12]})")
+    data = _data(opts, steps, card)
+
+    root = Path(opts.folder)
+    db = root / "mondrian.db"
+    run_dir = root / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = _train(opts, steps, card, data, db, run_dir)
+    ev, summary = _evaluate(opts, steps, data, db, run_dir, result.run_id)
+    previous, version = _publish(opts, steps, db, result.run_id, ev)
+    _ab_traffic(opts, steps, db, data, previous, version)
+
+    steps.head(f"A/B report from {db} (mondrian ab report --db {db})")
     ab = ab_report(db, advisor=ADVISOR)
     say(format_report(ab))
-    return {"run": result.to_dict(), "eval": s, "version": version.version, "ab": ab}
+    return {"run": result.to_dict(), "eval": summary, "version": version.version, "ab": ab}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -164,8 +165,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 # --- Unpaired proportions (A/B arms) and the sample-ratio-mismatch check ---
 
 def _z(level: float) -> float:
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(1 - (1 - level) / 2)
 
 

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import sqlite3
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from tqdm import tqdm
 import mondrian
 from mondrian.core.atomic import atomic_folder
 from mondrian.core.contracts import Advisor, load_advisors, loads_strict
-from mondrian.core.db import count_jobs, open_db, read_jobs
+from mondrian.core.db import connect, count_jobs, create_link_cache_tables, open_db, read_jobs
 from mondrian.core.workspace import Workspace
 
 # Reason codes, in the order the checks run. One job, one reason: the first that applies.
@@ -107,11 +106,8 @@ class LinkCache:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path))
-        self.conn.execute("CREATE TABLE IF NOT EXISTS images (path TEXT PRIMARY KEY, size INTEGER, "
-                          "mtime_ns INTEGER, sha256 TEXT, width INTEGER, height INTEGER, "
-                          "reason TEXT, detail TEXT, max_pixels INTEGER)")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS verdicts (key BLOB PRIMARY KEY, detail TEXT)")
+        self.conn = connect(path, create=True)
+        create_link_cache_tables(self.conn)
         self.images = {r[0]: r[1:] for r in self.conn.execute("SELECT * FROM images")}
         self.verdicts = dict(self.conn.execute("SELECT key, detail FROM verdicts"))
         self.new_images: dict[str, tuple] = {}

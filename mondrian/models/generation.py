@@ -5,12 +5,24 @@ JSON-Schema-constrained decoding. Shared by evaluation (`mondrian.evaluate.run`)
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import llguidance
+import llguidance.numpy as lnp
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mondrian.models import upstream
 
 
 class GenerationError(ValueError):
@@ -28,14 +40,16 @@ class Generation:
     finish_reason: str | None = None
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the model side: one load, adapter on/off, batched greedy generation, constrained decoding
 
 
-def lora_layers(model) -> list:
+def lora_layers(model: nn.Module) -> list[nn.Module]:
     """The LoRA layers installed in `model` (whatever their type), in module order."""
-    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.dora import (  # noqa: PLC0415 - heavy: mlx_lm import ~1.5 s
+        DoRAEmbedding,
+        DoRALinear,
+    )
 
     found = [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
     if any(isinstance(m, (DoRALinear, DoRAEmbedding)) for m in found):
@@ -47,7 +61,7 @@ class AdapterSwitch:
     """Turns the LoRA layers of a loaded model on (their trained scale) and off (scale 0:
     bit-identical base logits) without reloading anything."""
 
-    def __init__(self, model):
+    def __init__(self, model: nn.Module):
         self.layers = lora_layers(model)
         self.scales = [m.scale for m in self.layers]
 
@@ -56,29 +70,56 @@ class AdapterSwitch:
             m.scale = s if on else 0.0
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
     """The prompt tokens of a chat: what mlx-lm's ChatDataset masks as the prompt in training."""
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
+@dataclass
+class _Row:
+    """A row of a `Decoder`: what it was added with, and what it has generated so far."""
+
+    tag: Any
+    prompt: list[int]
+    max_tokens: int
+    processor: Callable | None
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    steps: int = 0
+    start: float | None = None
+    peak: int = 0
+
+
+class RowSlotChooser(Protocol):
+    """What a `Decoder` tells which LoRA slot each row of a model call uses
+    (`mondrian.serve.slots.RowSlots`)."""
+
+    def use(self, slots: list[int]) -> AbstractContextManager: ...
+
+
 class Decoder:
     """A running continuous batch: greedy decoding of up to `batch_size` rows together, where
-    rows can be added at any time and a finished row's slot goes to the next one (mlx-lm's
-    `BatchGenerator`, with the same stop tokens as its `batch_generate`). `step()` advances
-    every row by one token (and starts the prompt processing of rows added since) and returns
-    the rows that finished, with per-row latency (prompt start to last token) and per-row
-    logits processors (one grammar state per row)."""
+    rows can be added at any time and a finished row's place goes to the next one. `step()`
+    decodes one token of every row, then starts the rows waiting while there is room (their
+    prompts processed together, their first token started), and returns the rows that
+    finished, with per-row latency (prompt start to last token) and per-row logits processors
+    (one grammar state per row). Stop tokens are the tokenizer's EOS ids, as mlx-lm's
+    `batch_generate` has them.
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, row_slots=None):
-        from mlx_lm.generate import BatchGenerator
+    The loop is ours, over mlx-lm's batch objects (`upstream.start_rows`): we know the rows of
+    every model call, in order (the batch's `uids`), so with `row_slots` each call is made
+    inside `row_slots.use(<the rows' slots>)`."""
 
-        self.tokenizer, self.batch_size = tokenizer, batch_size
-        self._slot_of: dict[int, int] = {}
-        if row_slots is not None:  # a model with `lora_slots.SlotLoRALinear` layers: each row has its slot
-            model = _RowSlotModel(model, row_slots, self._slot_of)
-        self._gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                                   completion_batch_size=batch_size, prefill_batch_size=batch_size)
-        self._rows: dict[int, dict] = {}  # uid -> tag, tokens, steps, start
+    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 16,
+                 row_slots: RowSlotChooser | None = None):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self._row_slots = row_slots
+        self._stop_tokens = sorted(tokenizer.eos_token_ids)
+        self._stream = upstream.decode_stream()
+        self._rows: dict[int, _Row] = {}  # uid -> row, added and not finished
+        self._waiting: deque[int] = deque()  # uids not started, oldest first
+        self._batch = None  # mlx-lm's GenerationBatch of the started rows
+        self._next_uid = 0
         self.steps = 0  # decode steps taken
         self.row_steps = 0  # rows decoded, summed over steps (mean occupancy = row_steps / steps)
 
@@ -89,88 +130,93 @@ class Decoder:
     def add(self, prompt: list[int], max_tokens: int, processor: Callable | None = None, tag: Any = None,
             slot: int = 0) -> None:
         """Queue a row; it starts at the next step. `slot`: its LoRA slot (with `row_slots`)."""
-        (uid,) = self._gen.insert([list(prompt)], [max_tokens],
-                                  logits_processors=[[processor] if processor else []])
-        self._slot_of[uid] = slot
-        self._rows[uid] = {"tag": tag, "tokens": [], "steps": 0, "start": None, "peak": 0}
+        if not prompt:
+            raise GenerationError("an empty prompt")
+        if max_tokens < 1:
+            raise GenerationError(f"max_tokens {max_tokens}: a row generates at least one token")
+        uid, self._next_uid = self._next_uid, self._next_uid + 1
+        self._rows[uid] = _Row(tag, list(prompt), max_tokens, processor, slot)
+        self._waiting.append(uid)
 
     def step(self) -> list[tuple[Any, Generation, int]]:
         """One step; returns (tag, answer, most rows decoded together while it decoded) for
         each row that finished."""
         if not self._rows:
             return []
-        t = time.perf_counter()
-        prompt_resps, gen_resps = self._gen.next()
-        now = time.perf_counter()
-        if not prompt_resps and not gen_resps:
+        with mx.stream(self._stream):
+            done = self._decode() if self._batch is not None and len(self._batch) else []
+            started = self._start_waiting()
+        if not done and not started and not (self._batch is not None and len(self._batch)):
             raise GenerationError(f"generation stalled with {len(self._rows)} rows unfinished")
-        for r in prompt_resps:
-            row = self._rows[r.uid]
-            if row["start"] is None:
-                row["start"] = t
-        if gen_resps:
-            self.steps += 1
-            self.row_steps += len(gen_resps)
+        return done
+
+    def _slots_for(self, uids: list[int]) -> AbstractContextManager:
+        """The LoRA slots of a model call's rows, in the call's row order."""
+        if self._row_slots is None:
+            return nullcontext()
+        return self._row_slots.use([self._rows[u].slot for u in uids])
+
+    def _decode(self) -> list[tuple[Any, Generation, int]]:
+        t = time.perf_counter()
+        with self._slots_for(self._batch.uids):  # the rows of this call, in its order
+            responses = self._batch.next()  # finished rows leave the batch, the rest keep their order
+        now = time.perf_counter()
+        self.steps += 1
+        self.row_steps += len(responses)
+        if self.steps % 512 == 0:
+            mx.clear_cache()  # as mlx-lm's BatchGenerator does
         done = []
-        for r in gen_resps:
+        for r in responses:
             row = self._rows[r.uid]
-            row["steps"] += 1
-            row["peak"] = max(row["peak"], len(gen_resps))
+            row.steps += 1
+            row.peak = max(row.peak, len(responses))
             if r.finish_reason != "stop":
-                row["tokens"].append(r.token)
+                row.tokens.append(r.token)
             if r.finish_reason is not None:
                 del self._rows[r.uid]
-                self._slot_of.pop(r.uid, None)
-                gen = Generation(self.tokenizer.decode(row["tokens"]), row["steps"],
-                                 now - (row["start"] or t), r.finish_reason)
-                done.append((row["tag"], gen, row["peak"]))
+                gen = Generation(self.tokenizer.decode(row.tokens), row.steps, now - (row.start or t),
+                                 r.finish_reason)
+                done.append((row.tag, gen, row.peak))
         return done
+
+    def _start_waiting(self) -> int:
+        """Start waiting rows, oldest first, while the batch has room; returns how many."""
+        room = self.batch_size - (len(self._batch) if self._batch is not None else 0)
+        uids = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        if not uids:
+            return 0
+        t = time.perf_counter()
+        rows = [self._rows[u] for u in uids]
+        for row in rows:
+            row.start = t
+        with self._slots_for(uids):  # prompt processing and the first decode step, rows in `uids` order
+            new = upstream.start_rows(self.model, uids, [r.prompt for r in rows], [r.max_tokens for r in rows],
+                                      [r.processor for r in rows], self._stop_tokens)
+        if self._batch is None or not len(self._batch):
+            self._batch = new
+        else:
+            self._batch.extend(new)  # the new rows follow the running ones
+        return len(uids)
 
     def tags(self) -> list:
         """The tags of the rows not finished."""
-        return [row["tag"] for row in self._rows.values()]
+        return [row.tag for row in self._rows.values()]
 
     def clear(self) -> None:
         """Forget the unfinished rows (after a failed step: their callers were told)."""
         self._rows.clear()
+        self._waiting.clear()
+        self._batch = None
 
     def close(self) -> None:
-        import mlx.core as mx
-
-        mx.synchronize(self._gen.stream)  # the step mlx-lm already started for the rows that finished
-        self._gen.close()
+        mx.synchronize(self._stream)  # the step mlx-lm already started for the rows that finished
 
 
-class _RowSlotModel:
-    """The model as `BatchGenerator` sees it: each call first tells the LoRA slot layers which
-    slot every row of the calling batch uses. mlx-lm's batch objects (PromptProcessingBatch,
-    GenerationBatch) call `self.model(inputs, cache=...)` with their rows in `self.uids` order;
-    the caller's `uids` are read from its frame, and a caller without them (an mlx-lm change)
-    is an error, never a silent guess."""
-
-    def __init__(self, model, row_slots, slot_of: dict[int, int]):
-        self._model, self._rows, self._slot_of = model, row_slots, slot_of
-
-    def __getattr__(self, name: str):  # layers, make_cache, ...: the model's own
-        return getattr(self._model, name)
-
-    def __call__(self, inputs, *args, **kwargs):
-        import sys
-
-        batch = sys._getframe(1).f_locals.get("self")
-        uids = getattr(batch, "uids", None)
-        if uids is None or len(uids) != inputs.shape[0]:
-            raise GenerationError(f"cannot tell which rows a model call of shape {tuple(inputs.shape)} is for "
-                                  f"(caller {type(batch).__name__}); mlx-lm's batching changed")
-        with self._rows.use([self._slot_of[u] for u in uids]):
-            return self._model(inputs, *args, **kwargs)
-
-
-def generate_batch(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int = 16,
+def generate_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], *, batch_size: int = 16,
                    max_tokens: int | Sequence[int] = 256,
                    logits_processors: Sequence[Callable] | None = None,
                    progress: Callable[[int], None] | None = None,
-                   row_slots=None, slots: Sequence[int] | None = None) -> tuple[list[Generation], float]:
+                   row_slots: RowSlotChooser | None = None, slots: Sequence[int] | None = None) -> tuple[list[Generation], float]:
     """Greedy answers to `prompts` through one `Decoder`, `batch_size` sequences decoding
     together. Returns the answers and the wall-clock seconds. `max_tokens` is one limit for all
     or one per prompt; `slots` the LoRA slot per prompt (a model with `row_slots`)."""
@@ -250,9 +296,6 @@ def grammar_schema(schema: dict) -> tuple[dict, list[str]]:
 
     Anything else is left as it is (llguidance then ignores it leniently and the contract
     still checks it after decoding)."""
-    import copy
-    import itertools
-
     s = copy.deepcopy(schema)
     notes = []
     before = json.dumps(s, sort_keys=True)
@@ -319,9 +362,8 @@ class SchemaConstraint:
 
     OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": True}
 
-    def __init__(self, schema: dict, tokenizer):
-        import llguidance
-        import llguidance.hf
+    def __init__(self, schema: dict, tokenizer: Any):
+        import llguidance.hf  # noqa: PLC0415 - heavy: imports transformers (~1 s)
 
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         eos = sorted(tokenizer.eos_token_ids) if hasattr(tokenizer, "eos_token_ids") else None
@@ -336,8 +378,6 @@ class SchemaConstraint:
         self.eos = eos or [self.lltok.eos_token]
 
     def processor(self) -> Callable:
-        import llguidance
-
         return _MaskProcessor(llguidance.LLMatcher(self.lltok, self.grammar, log_level=0), self.vocab, self.eos)
 
 
@@ -346,17 +386,12 @@ class _MaskProcessor:
     the tokens the grammar allows (EOS once the object is complete)."""
 
     def __init__(self, matcher, vocab: int, eos: list[int]):
-        import numpy as np
-
         self.matcher, self.vocab, self.eos = matcher, vocab, eos
         self.seen: int | None = None  # context length already fed to the matcher
         self.words = np.zeros((1, (vocab + 31) // 32), dtype=np.int32)
         self.failed: str | None = None
 
     def _allowed(self, width: int):
-        import llguidance.numpy as lnp
-        import numpy as np
-
         if self.matcher.is_error():
             allowed = np.zeros(width, dtype=bool)
             allowed[[e for e in self.eos if e < width]] = True  # end the answer; the contract check will fail it
@@ -368,8 +403,6 @@ class _MaskProcessor:
         return bits[:width]
 
     def __call__(self, context, logits):
-        import mlx.core as mx
-
         n = int(context.shape[-1])
         if self.seen is None:
             self.seen = n  # the first call sees the prompt only

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from tokenizers import Tokenizer
 
 from mondrian.core.atomic import atomic_folder
 
@@ -80,6 +81,84 @@ _TENSOR_TYPES = {0: ("F32", 4, 1), 1: ("F16", 2, 1), 2: ("Q4_0", 18, 32), 3: ("Q
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
+class _Header:
+    """Bounds-checked reads from a GGUF header: every overrun is a GGUFError, never a crash."""
+
+    def __init__(self, path: Path, buf: mmap.mmap, size: int):
+        self.path, self.buf, self.size = path, buf, size
+        self.pos = 4  # after the magic
+
+    def take(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise GGUFError(f"{self.path}: header ends early at byte {self.pos}: "
+                            "truncated or corrupt file")
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.take("Q")
+        if n > self.size - self.pos:
+            raise GGUFError(f"{self.path}: {what} length {n} runs past the end of the file")
+        try:
+            value = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFError(f"{self.path}: {what} is not UTF-8 at byte {self.pos}") from exc
+        self.pos += n
+        return value
+
+    def value(self, vtype: int, key: str, depth: int = 0):
+        """A metadata value; arrays are skipped (None): only scalars matter here."""
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string(f"metadata '{key}'")
+        if vtype == 9 and depth == 0:
+            itype, count = self.take("I"), self.take("Q")
+            if itype in _SCALARS:  # skip fixed-size arrays without decoding them
+                n = count * struct.calcsize(_SCALARS[itype])
+                if n > self.size - self.pos:
+                    raise GGUFError(f"{self.path}: metadata array '{key}' runs past the end of the file")
+                self.pos += n
+                return None
+            if count > (self.size - self.pos) // 8:
+                raise GGUFError(f"{self.path}: metadata array '{key}' count {count} is impossible")
+            for _ in range(count):
+                self.value(itype, key, depth + 1)
+            return None
+        raise GGUFError(f"{self.path}: metadata '{key}' has unknown value type {vtype}")
+
+    def tensor_infos(self, n_tensors: int) -> list[tuple[str, int, int, int]]:
+        """(name, value count, GGUF type, offset) of each tensor."""
+        tensors = []
+        for _ in range(n_tensors):
+            name = self.string("tensor name")
+            n_dims = self.take("I")
+            if n_dims > 8:
+                raise GGUFError(f"{self.path}: tensor '{name}' has {n_dims} dimensions: corrupt file")
+            count = 1
+            for _ in range(n_dims):
+                count *= self.take("Q")
+            ttype, offset = self.take("I"), self.take("Q")
+            tensors.append((name, count, ttype, offset))
+        return tensors
+
+
+def _check_tensor_ranges(path: Path, tensors: list[tuple[str, int, int, int]], data_start: int,
+                         size: int) -> None:
+    for name, count, ttype, offset in tensors:
+        if ttype not in _TENSOR_TYPES:
+            names = ", ".join(t[0] for t in _TENSOR_TYPES.values())
+            raise GGUFError(f"{path}: tensor '{name}' has GGUF type {ttype}, which MLX cannot "
+                            f"load (supported: {names})")
+        _, block_bytes, block_values = _TENSOR_TYPES[ttype]
+        end = data_start + offset + count // block_values * block_bytes
+        if count % block_values or end > size:
+            raise GGUFError(f"{path}: tensor '{name}' extends past the end of the file "
+                            f"({end} > {size} bytes): truncated or corrupt file")
+
+
 def validate_gguf(path: Path) -> None:
     """Walk the whole GGUF header with bounds checks before handing the file to MLX.
 
@@ -93,86 +172,24 @@ def validate_gguf(path: Path) -> None:
             f.seek(0)
             raise GGUFError(f"{path}: not a GGUF file (magic {f.read(4)!r}, expected b'GGUF')")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    pos = 4
-
-    def take(fmt: str):
-        nonlocal pos
-        n = struct.calcsize(fmt)
-        if pos + n > size:
-            raise GGUFError(f"{path}: header ends early at byte {pos}: truncated or corrupt file")
-        (value,) = struct.unpack_from("<" + fmt, buf, pos)
-        pos += n
-        return value
-
-    def string(what: str) -> str:
-        nonlocal pos
-        n = take("Q")
-        if n > size - pos:
-            raise GGUFError(f"{path}: {what} length {n} runs past the end of the file")
-        try:
-            value = bytes(buf[pos:pos + n]).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise GGUFError(f"{path}: {what} is not UTF-8 at byte {pos}") from exc
-        pos += n
-        return value
-
-    def value(vtype: int, key: str, depth: int = 0):
-        nonlocal pos
-        if vtype in _SCALARS:
-            return take(_SCALARS[vtype])
-        if vtype == 8:
-            return string(f"metadata '{key}'")
-        if vtype == 9 and depth == 0:
-            itype, count = take("I"), take("Q")
-            if itype in _SCALARS:  # skip fixed-size arrays without decoding them
-                n = count * struct.calcsize(_SCALARS[itype])
-                if n > size - pos:
-                    raise GGUFError(f"{path}: metadata array '{key}' runs past the end of the file")
-                pos += n
-                return None
-            if count > (size - pos) // 8:
-                raise GGUFError(f"{path}: metadata array '{key}' count {count} is impossible")
-            for _ in range(count):
-                value(itype, key, depth + 1)
-            return None
-        raise GGUFError(f"{path}: metadata '{key}' has unknown value type {vtype}")
-
+    header = _Header(path, buf, size)
     try:
-        version = take("I")
+        version = header.take("I")
         if version not in (2, 3):
             raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        n_tensors, n_kv = take("Q"), take("Q")
+        n_tensors, n_kv = header.take("Q"), header.take("Q")
         if n_tensors > size // 24 or n_kv > size // 13:
             raise GGUFError(f"{path}: header counts ({n_tensors} tensors, {n_kv} keys) are impossible "
                             f"for a file of {size} bytes: truncated or corrupt file")
         alignment = 32
         for _ in range(n_kv):
-            key = string("metadata key")
-            v = value(take("I"), key)
+            key = header.string("metadata key")
+            v = header.value(header.take("I"), key)
             if key == "general.alignment" and isinstance(v, int) and v > 0:
                 alignment = v
-        tensors = []
-        for _ in range(n_tensors):
-            name = string("tensor name")
-            n_dims = take("I")
-            if n_dims > 8:
-                raise GGUFError(f"{path}: tensor '{name}' has {n_dims} dimensions: corrupt file")
-            count = 1
-            for _ in range(n_dims):
-                count *= take("Q")
-            ttype, offset = take("I"), take("Q")
-            tensors.append((name, count, ttype, offset))
-        data_start = (pos + alignment - 1) // alignment * alignment
-        for name, count, ttype, offset in tensors:
-            if ttype not in _TENSOR_TYPES:
-                names = ", ".join(t[0] for t in _TENSOR_TYPES.values())
-                raise GGUFError(f"{path}: tensor '{name}' has GGUF type {ttype}, which MLX cannot "
-                                f"load (supported: {names})")
-            _, block_bytes, block_values = _TENSOR_TYPES[ttype]
-            end = data_start + offset + count // block_values * block_bytes
-            if count % block_values or end > size:
-                raise GGUFError(f"{path}: tensor '{name}' extends past the end of the file "
-                                f"({end} > {size} bytes): truncated or corrupt file")
+        tensors = header.tensor_infos(n_tensors)
+        data_start = (header.pos + alignment - 1) // alignment * alignment
+        _check_tensor_ranges(path, tensors, data_start, size)
     finally:
         buf.close()
 
@@ -374,8 +391,6 @@ def tokenizer_files(meta: dict, path: Path) -> dict[str, dict]:
 
 def _check_tokenizer(folder: Path, path: Path) -> None:
     """A rebuilt tokenizer must round-trip text exactly, or the import is wrong."""
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as exc:  # the tokenizers library raises a bare Exception

@@ -27,6 +27,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from mondrian.core.fingerprint import file_sha256, folder_files, folder_fingerprint
+from mondrian.models.gguf import GGUFError, ImportOptions, import_gguf
+from mondrian.models.tiny import build_tiny_text
+from mondrian.models.tiny_vlm import build_tiny_qwen2_vl
 
 CARD = "mondrian_model.json"
 DEFAULT_MODEL = "smollm2-135m"
@@ -156,8 +159,6 @@ def _variant(keep_quant: bool, dtype: str) -> str:
 def import_gguf_model(gguf: str | Path, name: str | None = None, keep_quant: bool = False,
                       dtype: str = "float32", force: bool = False) -> ModelCard:
     """Import a GGUF file into the model home, once per (sha256, options)."""
-    from mondrian.models.gguf import GGUFError, ImportOptions, import_gguf
-
     gguf = Path(gguf).expanduser()
     if not gguf.is_file():
         raise ModelError(f"{gguf}: no such GGUF file")
@@ -198,8 +199,6 @@ def embedded_gguf(name: str) -> Path:
 
 
 def build_tiny(kind: str) -> ModelCard:
-    from mondrian.models import tiny
-
     if kind not in TINY:
         raise ModelError(f"unknown tiny model 'tiny:{kind}' (have: {', '.join('tiny:' + t for t in TINY)})")
     name = f"tiny-{kind}"
@@ -209,9 +208,9 @@ def build_tiny(kind: str) -> ModelCard:
         if card is not None:
             return card
         if kind == "qwen2-vl":
-            tiny.build_tiny_qwen2_vl(dest, seed=0)
+            build_tiny_qwen2_vl(dest, seed=0)
         else:
-            tiny.build_tiny_text(dest, arch=kind, seed=0)
+            build_tiny_text(dest, arch=kind, seed=0)
         return _write_card(dest, name, {"kind": "tiny", "builder": kind, "seed": 0})
 
 
@@ -236,7 +235,7 @@ def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> str | None:
 
 def resolve_hub(repo_id: str) -> ModelCard:
     """A hub model from the local HF cache, else downloaded; offline, a fast clear error."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download  # noqa: PLC0415 - heavy: pulls in hf_api/httpx (~0.3 s); only hub specs need it
 
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_PATTERNS))

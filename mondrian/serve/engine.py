@@ -2,10 +2,11 @@
 
 A `ModelWorker` owns one base model (loaded once, in its own thread: MLX streams belong to the
 thread that made them) and every LoRA version loaded for it. Each loaded version has a slot
-in the model's `lora_slots.SlotLoRALinear` layers (slot 0 = the base model), so one running
+in the model's `slots.SlotLoRALinear` layers (slot 0 = the base model), so one running
 batch decodes requests for different versions together: requests join it between decode
-steps as they arrive (continuous batching, mlx-lm's `BatchGenerator` through
-`generation.Decoder`), each row with its version's slot. No weights move for traffic; the
+steps as they arrive (continuous batching, `generation.Decoder`: our loop over mlx-lm's
+batch objects, which knows the rows of every model call and tells the slot layers their
+slots), each row with its version's slot. No weights move for traffic; the
 version a row decodes with is fixed when it joins, and every answer carries it: the service
 records that, not what it asked for.
 
@@ -28,8 +29,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
+from mondrian.core.adapters import AdapterError, LoraLayout, lora_targets, read_adapter
 from mondrian.models.generation import Decoder, Generation, chat_prompt, generate_batch
 from mondrian.serve.slots import RowSlots, SlotLoRALinear
 
@@ -39,16 +43,6 @@ THREADS = {"started": False}  # whether a worker thread ran MLX in this process 
 
 class EngineError(ValueError):
     """A version or request the engine cannot serve; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class LoraLayout:
-    """What `linear_to_lora_layers` was called with: which Linear layers get LoRA (the last
-    `num_layers` blocks, -1 = all; `keys` or every Linear there) and the rank."""
-
-    num_layers: int
-    rank: int
-    keys: tuple[str, ...] | None
 
 
 @dataclass
@@ -94,37 +88,13 @@ class Control:
     future: Future
 
 
-def read_layout(config: dict, where: str) -> tuple[LoraLayout, float]:
-    """The LoRA layout and scale an adapter_config.json asks for."""
-    ftype = config.get("fine_tune_type", "lora")
-    if ftype != "lora":
-        raise EngineError(f"{where}: fine_tune_type {ftype!r}; the service hot-swaps LoRA adapters only "
-                          "(DoRA's scale 0 is not the base model; full fine-tunes are separate models)")
-    params = config.get("lora_parameters") or {}
+def read_version(path: Path, where: str) -> tuple[dict, dict, LoraLayout, float]:
+    """An adapter folder's config, tensors, LoRA layout and scale (`core.adapters.read_adapter`);
+    an unusable one is an EngineError."""
     try:
-        rank, scale, num_layers = int(params["rank"]), float(params["scale"]), int(config["num_layers"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineError(f"{where}: adapter_config.json lacks a usable {exc} "
-                          "(needs num_layers and lora_parameters.rank/scale)") from None
-    keys = params.get("keys")
-    return LoraLayout(num_layers, rank, tuple(keys) if keys else None), scale
-
-
-def read_adapter(path: Path, where: str) -> tuple[dict, dict, LoraLayout, float]:
-    """An adapter folder's config, tensors, LoRA layout and scale; unreadable -> EngineError."""
-    import json
-
-    import mlx.core as mx
-
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-        arrays = mx.load(str(path / "adapters.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise EngineError(f"{where}: cannot read the adapter ({exc})") from None
-    if not isinstance(config, dict):
-        raise EngineError(f"{where}: adapter_config.json is not a JSON object")
-    layout, scale = read_layout(config, where)
-    return config, arrays, layout, scale
+        return read_adapter(path, where)
+    except AdapterError as exc:
+        raise EngineError(str(exc)) from None
 
 
 class ModelThread:
@@ -219,7 +189,7 @@ class ModelWorker(ModelThread):
 
     def _run(self) -> None:
         try:
-            from mlx_lm import load
+            from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import ~1.5 s
 
             self.model, self.tokenizer = load(str(self.path))
             self.model.eval()
@@ -313,46 +283,15 @@ class ModelWorker(ModelThread):
 
     # ---- LoRA slots (worker thread only)
 
-    def _blocks(self) -> tuple[str, list]:
-        """The qualified name prefix of the transformer blocks, and the blocks."""
-        blocks = self.model.layers if hasattr(self.model, "layers") else self.model.model.layers
-        first = blocks[0]
-        for name, module in self.model.named_modules():
-            if module is first:
-                return name.rsplit(".", 1)[0], blocks
-        raise EngineError(f"model {self.name}: cannot find its transformer blocks")
-
     def _targets(self, layout: LoraLayout, where: str) -> dict[str, nn.Module]:
-        """The Linear layers mlx-lm's `linear_to_lora_layers` adapts for `layout` (last
-        num_layers blocks, -1 = all; `keys` or every Linear in them), by qualified name."""
-        prefix, blocks = self._blocks()
-        n = len(blocks) if layout.num_layers == -1 else layout.num_layers
-        if not 0 <= n <= len(blocks):
-            raise EngineError(f"{where}: num_layers {layout.num_layers}; the model has {len(blocks)} layers")
-        out = {}
-        for b in range(len(blocks) - n, len(blocks)):
-            modules = dict(blocks[b].named_modules())
-            for name, module in modules.items():
-                if isinstance(modules.get(name.rpartition(".")[0]), SlotLoRALinear):
-                    continue  # the Linear inside a slot layer: its parent stands for it
-                base = module.linear if isinstance(module, SlotLoRALinear) else module
-                if layout.keys is not None and name not in layout.keys:
-                    continue
-                if isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-                    out[f"{prefix}.{b}.{name}"] = base
-                elif layout.keys is not None or isinstance(base, (nn.Embedding, nn.QuantizedEmbedding)):
-                    raise EngineError(f"{where}: LoRA on {prefix}.{b}.{name} ({type(base).__name__}); "
-                                      "the service serves LoRA on Linear layers")
-            if layout.keys is not None:
-                missing = set(layout.keys) - {k.split(f"{prefix}.{b}.", 1)[1] for k in out if k.startswith(f"{prefix}.{b}.")}
-                if missing:
-                    raise EngineError(f"{where}: lora_parameters.keys {sorted(missing)} are not Linear layers "
-                                      f"of block {b}")
-        return out
+        """The Linear layers mlx-lm puts LoRA on for `layout`, by qualified name (a slot layer
+        stands for the Linear it wraps)."""
+        try:
+            return lora_targets(self.model, layout.num_layers, layout.keys, unwrap=_unwrap_slot)
+        except AdapterError as exc:
+            raise EngineError(f"{where}: {exc}") from None
 
     def _wrap(self, name: str, linear: nn.Module) -> SlotLoRALinear:
-        from mlx.utils import tree_unflatten
-
         layer = self._layers.get(name)
         if layer is None:
             layer = SlotLoRALinear(linear, self.rows)
@@ -362,7 +301,7 @@ class ModelWorker(ModelThread):
 
     def _load(self, advisor: str, version: str, path: Path) -> LoadedVersion:
         where = f"{advisor} {version} ({path})"
-        _, arrays, layout, scale = read_adapter(path, where)
+        _, arrays, layout, scale = read_version(path, where)
         targets = self._targets(layout, where)
         bad, pairs = [], {}
         for name, linear in targets.items():
@@ -423,8 +362,6 @@ class ModelWorker(ModelThread):
 
     def _smoke(self, where: str, slot: int) -> str:
         """A forward pass with finite logits and a few generated tokens, in `slot`."""
-        import mlx.core as mx
-
         prompt = chat_prompt(self.tokenizer, SMOKE_PROMPT)
         with self.rows.use([slot]):
             logits = self.model(mx.array([prompt]))
@@ -434,3 +371,8 @@ class ModelWorker(ModelThread):
         gens, _ = generate_batch(self.model, self.tokenizer, [prompt], batch_size=1, max_tokens=4,
                                  row_slots=self.rows, slots=[slot])
         return gens[0].text
+
+
+def _unwrap_slot(module: nn.Module) -> nn.Module:
+    """The Linear a slot layer wraps (any other module stands for itself)."""
+    return module.linear if isinstance(module, SlotLoRALinear) else module

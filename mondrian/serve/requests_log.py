@@ -1,6 +1,6 @@
 """The served-requests log: one SQLite row per request the advisor service answers.
 
-Tables (see README, "A/B analysis (SQL)"):
+Tables (their schema is in mondrian.core.db; see README, "A/B analysis (SQL)"):
 - `requests`: one row per served request, plus one row per shadow run (`shadow_of` set).
 - `routing_configs`: every routing config the service ran under, by `routing_id`; the
   A/B report reads the arm weights from it for the sample-ratio-mismatch check.
@@ -12,8 +12,9 @@ than it must: `submit(row)` validates the row synchronously (a bad row raises Va
 naming the key and nothing is enqueued), enqueues it, and returns a Future. One writer
 thread owns the connection; it drains everything queued, inserts it with one
 `executemany` in one transaction (group commit), commits, and only then resolves those
-futures. The log belongs to one process: create it after any fork. The database is in WAL mode with `synchronous=NORMAL`: a committed row survives
-kill -9 of the process (not necessarily a power cut, which is not what we guard against).
+futures. The log belongs to one process: create it after any fork. The database is in
+WAL mode with `synchronous=NORMAL`: a committed row survives kill -9 of the process (not
+necessarily a power cut, which is not what we guard against).
 """
 
 from __future__ import annotations
@@ -28,205 +29,27 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 
-import sqlite_utils
+from mondrian.core.db import (
+    PINNED_ARM,
+    REQUEST_COLUMNS,
+    as_connection,
+    connect,
+    create_request_tables,
+)
+from mondrian.serve.routing import FALLBACK, STICKY
 
-# name -> (SQL type, NOT NULL, what it holds). The order is the table's column order.
-COLUMNS: dict[str, tuple[str, bool, str]] = {
-    "request_id": ("TEXT", True, "the request's id (primary key)"),
-    "received_at": ("TEXT", True, "ISO 8601 UTC with milliseconds, e.g. 2026-11-22T09:30:01.123Z"),
-    "advisor": ("TEXT", True, "the advisor asked"),
-    "endpoint": ("TEXT", True, "'analyze' or 'chat'"),
-    "arm": ("TEXT", True, "routing arm name; 'pinned' when the client named advisor@version"),
-    "assigned_version": ("TEXT", False, "the arm's adapter version (e.g. 'v3'); NULL = base model"),
-    "served_version": ("TEXT", False, "the version whose answer was returned; NULL = base"),
-    "base_model": ("TEXT", False, "the base model's name"),
-    "base_fingerprint": ("TEXT", True, "the base model's fingerprint"),
-    "routing_id": ("TEXT", False, "id of the routing config in force (routing_configs)"),
-    "sticky_key": ("TEXT", False, "sha256 of the user id, or the image sha256, used for assignment"),
-    "shadow_of": ("TEXT", False, "shadow rows: the request_id they shadow; NULL for served rows"),
-    "status": ("INTEGER", True, "HTTP status returned (shadow rows: 200 or 500 of the shadow run)"),
-    "contract_ok": ("INTEGER", False, "1/0: the arm's own answer met the JSON contract; NULL on error"),
-    "fallback": ("TEXT", False, "NULL, or 'production' / 'base': what answered instead of the arm"),
-    "fallback_reason": ("TEXT", False, "why the fallback answered"),
-    "error": ("TEXT", False, "error text"),
-    "latency_ms": ("REAL", False, "received -> answer ready, ms"),
-    "queue_ms": ("REAL", False, "time waiting for the model worker, ms"),
-    "prompt_tokens": ("INTEGER", False, "prompt tokens"),
-    "completion_tokens": ("INTEGER", False, "completion tokens"),
-}
-REQUIRED = tuple(name for name, (_, notnull, _) in COLUMNS.items() if notnull)
-PINNED_ARM = "pinned"
-STICKY = ("user", "image", "none")
-FALLBACKS = ("production", "base", "none")
+REQUIRED = tuple(name for name, (_, notnull, _) in REQUEST_COLUMNS.items() if notnull)
 
 _ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 
-_TABLES = (
-    "CREATE TABLE IF NOT EXISTS requests (\n    "
-    + ",\n    ".join(f"{name} {sqltype}{' NOT NULL' if notnull else ''}"
-                     + (" PRIMARY KEY" if name == "request_id" else "")
-                     for name, (sqltype, notnull, _) in COLUMNS.items())
-    + "\n);\n"
-    """
-CREATE TABLE IF NOT EXISTS routing_configs (
-    routing_id TEXT NOT NULL PRIMARY KEY,
-    advisor TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    config_json TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_advisor_arm ON requests(advisor, arm);
-CREATE INDEX IF NOT EXISTS requests_received_at ON requests(received_at);
-CREATE INDEX IF NOT EXISTS requests_served_version ON requests(served_version);
-CREATE INDEX IF NOT EXISTS requests_shadow_of ON requests(shadow_of);
-""")
 
-_ERR = "(error IS NOT NULL OR status >= 500)"
-
-# Views: no data of their own, so they are (re)created whenever their SQL differs from
-# what is stored (an older mondrian's view is replaced, an identical one left alone).
-VIEWS: dict[str, str] = {
-    # Served rows (not shadow), per advisor and arm.
-    "ab_arms": f"""
-SELECT advisor, arm,
-       count(*) AS requests,
-       sum(contract_ok = 1) AS compliant,
-       1.0 * sum(contract_ok = 1) / nullif(count(contract_ok), 0) AS compliance_rate,
-       count(fallback) AS fallbacks,
-       1.0 * count(fallback) / count(*) AS fallback_rate,
-       sum({_ERR}) AS errors,
-       1.0 * sum({_ERR}) / count(*) AS error_rate,
-       avg(latency_ms) AS avg_latency_ms,
-       avg(completion_tokens) AS avg_completion_tokens,
-       min(received_at) AS first_at,
-       max(received_at) AS last_at
-FROM requests
-WHERE shadow_of IS NULL
-GROUP BY advisor, arm""",
-    # Served rows that returned an answer (status < 400), by the version that answered.
-    # compliance_rate counts only rows the arm answered itself (no fallback): there
-    # contract_ok describes served_version; fallback rows are counted in `fallbacks`.
-    "ab_versions": """
-SELECT advisor,
-       coalesce(served_version, 'base') AS served_version,
-       count(*) AS requests,
-       1.0 * sum(CASE WHEN fallback IS NULL THEN contract_ok = 1 END)
-           / nullif(count(CASE WHEN fallback IS NULL THEN contract_ok END), 0) AS compliance_rate,
-       count(fallback) AS fallbacks,
-       avg(latency_ms) AS avg_latency_ms
-FROM requests
-WHERE shadow_of IS NULL AND status < 400
-GROUP BY advisor, coalesce(served_version, 'base')""",
-    # Shadow runs, by the version shadowed in.
-    "ab_shadow": f"""
-SELECT advisor,
-       coalesce(assigned_version, 'base') AS assigned_version,
-       count(*) AS requests,
-       1.0 * sum(contract_ok = 1) / nullif(count(contract_ok), 0) AS compliance_rate,
-       1.0 * sum({_ERR}) / count(*) AS error_rate,
-       avg(latency_ms) AS avg_latency_ms
-FROM requests
-WHERE shadow_of IS NOT NULL
-GROUP BY advisor, coalesce(assigned_version, 'base')""",
-    # Each shadow run next to the served request it shadowed: the paired comparison.
-    "ab_shadow_pairs": """
-SELECT s.advisor,
-       coalesce(s.assigned_version, 'base') AS shadow_version,
-       count(*) AS pairs,
-       sum(p.contract_ok = 1 AND s.contract_ok = 1) AS both_ok,
-       sum(p.contract_ok = 1 AND s.contract_ok = 0) AS served_only_ok,
-       sum(p.contract_ok = 0 AND s.contract_ok = 1) AS shadow_only_ok,
-       sum(p.contract_ok = 0 AND s.contract_ok = 0) AS neither_ok,
-       1.0 * sum(p.contract_ok = 1) / count(*) AS served_compliance_rate,
-       1.0 * sum(s.contract_ok = 1) / count(*) AS shadow_compliance_rate,
-       avg(s.latency_ms - p.latency_ms) AS avg_latency_delta_ms
-FROM requests s JOIN requests p ON p.request_id = s.shadow_of
-WHERE s.contract_ok IS NOT NULL AND p.contract_ok IS NOT NULL
-GROUP BY s.advisor, coalesce(s.assigned_version, 'base')""",
-    # Served rows per UTC hour and arm: for time plots and "did it break at 14:00".
-    "ab_hourly": f"""
-SELECT advisor,
-       substr(received_at, 1, 13) || ':00Z' AS hour,
-       arm,
-       count(*) AS requests,
-       1.0 * sum(contract_ok = 1) / nullif(count(contract_ok), 0) AS compliance_rate,
-       1.0 * sum({_ERR}) / count(*) AS error_rate,
-       avg(latency_ms) AS avg_latency_ms
-FROM requests
-WHERE shadow_of IS NULL
-GROUP BY advisor, substr(received_at, 1, 13), arm""",
-    # Per routing config and arm: the configured share next to the observed share of
-    # served requests (pinned requests excluded). The p-value is in `mondrian ab report`.
-    "ab_split": """
-SELECT w.routing_id, w.advisor, w.arm, w.version, w.weight,
-       1.0 * w.weight / t.total_weight AS expected_share,
-       coalesce(o.requests, 0) AS requests,
-       1.0 * coalesce(o.requests, 0) / nullif(n.requests, 0) AS observed_share
-FROM (SELECT rc.routing_id, rc.advisor,
-             json_extract(a.value, '$.name') AS arm,
-             json_extract(a.value, '$.version') AS version,
-             json_extract(a.value, '$.weight') AS weight
-      FROM routing_configs rc, json_each(rc.config_json, '$.arms') a) w
-JOIN (SELECT routing_id, sum(json_extract(a.value, '$.weight')) AS total_weight
-      FROM routing_configs, json_each(config_json, '$.arms') a GROUP BY routing_id) t
-  ON t.routing_id = w.routing_id
-LEFT JOIN (SELECT routing_id, arm, count(*) AS requests FROM requests
-           WHERE shadow_of IS NULL AND arm <> 'pinned' GROUP BY routing_id, arm) o
-  ON o.routing_id = w.routing_id AND o.arm = w.arm
-LEFT JOIN (SELECT routing_id, count(*) AS requests FROM requests
-           WHERE shadow_of IS NULL AND arm <> 'pinned' GROUP BY routing_id) n
-  ON n.routing_id = w.routing_id""",
-}
-
-_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) "
-           f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+_INSERT = (f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in REQUEST_COLUMNS)})")
 
 
 def now_iso() -> str:
     """Now, as the log writes times: ISO 8601 UTC with milliseconds, e.g. 2026-11-22T09:30:01.123Z."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _connect(path: str | Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
-def _raw(conn_or_db) -> sqlite3.Connection:
-    if isinstance(conn_or_db, sqlite_utils.Database):
-        return conn_or_db.conn
-    if isinstance(conn_or_db, sqlite3.Connection):
-        return conn_or_db
-    raise TypeError(f"expected a sqlite3.Connection or sqlite_utils.Database, got {type(conn_or_db).__name__}")
-
-
-def _norm_sql(sql: str | None) -> str:
-    return " ".join((sql or "").split())
-
-
-def create_tables(conn_or_db) -> None:
-    """Create `requests`, `routing_configs`, their indexes and the ab_* views (idempotent).
-
-    Accepts a sqlite3.Connection, a sqlite_utils.Database, or a path (the file is created
-    in WAL mode)."""
-    if isinstance(conn_or_db, str | Path):
-        conn = _connect(conn_or_db)
-        try:
-            create_tables(conn)
-        finally:
-            conn.close()
-        return
-    conn = _raw(conn_or_db)
-    conn.executescript(_TABLES)
-    for name, body in VIEWS.items():
-        sql = f"CREATE VIEW {name} AS{body}"
-        row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()
-        if row and row[0] == "view" and _norm_sql(row[1]) == _norm_sql(sql):
-            continue
-        if row and row[0] != "view":
-            raise ValueError(f"cannot create view '{name}': a {row[0]} of that name exists")
-        conn.executescript(f"BEGIN; DROP VIEW IF EXISTS {name}; {sql}; COMMIT;")
 
 
 def validate_routing_config(config: dict) -> None:
@@ -262,8 +85,8 @@ def validate_routing_config(config: dict) -> None:
     if config.get("sticky", "none") not in STICKY:
         raise ValueError(f"routing config: 'sticky' must be one of {', '.join(STICKY)}, "
                          f"got {config.get('sticky')!r}")
-    if config.get("fallback", "none") not in FALLBACKS:
-        raise ValueError(f"routing config: 'fallback' must be one of {', '.join(FALLBACKS)}, "
+    if config.get("fallback", "none") not in FALLBACK:
+        raise ValueError(f"routing config: 'fallback' must be one of {', '.join(FALLBACK)}, "
                          f"got {config.get('fallback')!r}")
 
 
@@ -281,13 +104,13 @@ def record_routing(db_path_or_conn, routing_id: str, advisor: str, config: dict,
     validate_routing_config(config)
     config_json = json.dumps(config, sort_keys=True, separators=(",", ":"))
     if isinstance(db_path_or_conn, str | Path):
-        conn = _connect(db_path_or_conn)
+        conn = connect(db_path_or_conn, create=True, autocommit=True)
         try:
             return record_routing(conn, routing_id, advisor, config, created_at)
         finally:
             conn.close()
-    conn = _raw(db_path_or_conn)
-    create_tables(conn)
+    conn = as_connection(db_path_or_conn)
+    create_request_tables(conn)
     with conn:
         cur = conn.execute("INSERT OR IGNORE INTO routing_configs (routing_id, advisor, created_at, "
                            "config_json) VALUES (?, ?, ?, ?)",
@@ -308,13 +131,14 @@ def validate_row(row: dict) -> tuple:
     if not isinstance(row, dict):
         raise ValueError(f"a request row must be a dict, got {type(row).__name__}")
     for key in row:
-        if key not in COLUMNS:
-            raise ValueError(f"unknown key '{key}' in request row (columns: {', '.join(COLUMNS)})")
+        if key not in REQUEST_COLUMNS:
+            raise ValueError(f"unknown key '{key}' in request row "
+                             f"(columns: {', '.join(REQUEST_COLUMNS)})")
     for key in REQUIRED:
         if row.get(key) is None:
             raise ValueError(f"request row lacks '{key}' (required, NOT NULL)")
     values = []
-    for key, (sqltype, _, _) in COLUMNS.items():
+    for key, (sqltype, _, _) in REQUEST_COLUMNS.items():
         value = row.get(key)
         if value is not None:
             if sqltype == "TEXT":
@@ -361,8 +185,9 @@ class RequestLog:
             return
         if db_path is None:
             raise ValueError("RequestLog needs a db_path (or enabled=False)")
-        self._conn = _connect(self.path)  # from here on used by the writer thread only
-        create_tables(self._conn)
+        # From here on the connection is used by the writer thread only.
+        self._conn = connect(self.path, create=True, autocommit=True, check_same_thread=False)
+        create_request_tables(self._conn)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mondrian-request-log", daemon=True)
         self._thread.start()

@@ -7,7 +7,7 @@ before each, the request's version is activated, so a swap never happens inside 
 and every answer carries the version that was active while it was decoded. Controls (`load`,
 `unload`, `call`) wait in the same queue and run between requests.
 
-LoRA layers are installed with mlx-vlm's own code (`_apply_lora_layers`, what
+LoRA layers are installed with mlx-vlm's own code (`upstream.apply_vlm_lora_layers`, what
 `mlx_vlm.load(base, adapter_path=...)` runs), so the model has exactly the structure mlx-vlm
 builds for that adapter folder. A swap is `model.load_weights(pairs, strict=False)` plus each
 LoRA layer's `scale`; the base model is every LoRA layer at scale 0 (bit-identical logits).
@@ -31,17 +31,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from PIL import Image
+
+from mondrian.core.adapters import LoraLayout
 from mondrian.models.generation import Generation, lora_layers
+from mondrian.models.upstream import apply_vlm_lora_layers
 from mondrian.serve.engine import (
     Answer,
     Control,
     EngineError,
     LoadedVersion,
-    LoraLayout,
     ModelThread,
-    read_adapter,
+    read_version,
 )
 
 SMOKE_TOKENS = 4
@@ -101,7 +108,9 @@ class VisionWorker(ModelThread):
     def vision_prompt(self, messages: list[dict]) -> str:
         """The chat-templated prompt for `messages` (no assistant turn) with one image, as
         mlx-vlm's trainer renders training rows."""
-        from mlx_vlm.prompt_utils import apply_chat_template
+        from mlx_vlm.prompt_utils import (  # noqa: PLC0415 - heavy: mlx_vlm import ~2 s
+            apply_chat_template,
+        )
 
         self.wait_ready(0)
         return apply_chat_template(self.processor, self.model.config, messages,
@@ -167,7 +176,7 @@ class VisionWorker(ModelThread):
 
     def _run(self) -> None:
         try:
-            import mlx_vlm
+            import mlx_vlm  # noqa: PLC0415 - heavy: mlx_vlm import ~2 s
 
             self.model, self.processor = mlx_vlm.load(str(self.path))
             self.model.eval()
@@ -214,8 +223,9 @@ class VisionWorker(ModelThread):
                   where: str | None = None) -> tuple[VisionGeneration, int]:
         """Greedy decoding of one prompt + image (a PIL image). `where` set: the smoke test,
         which also requires every step's log-probabilities to be finite."""
-        import mlx.core as mx
-        from mlx_vlm import stream_generate
+        from mlx_vlm import (  # noqa: PLC0415 - heavy: mlx_vlm import ~2 s
+            stream_generate,
+        )
 
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         # What mlx_vlm.generate does before each call: stop at the model's EOS only (the
@@ -252,8 +262,6 @@ class VisionWorker(ModelThread):
 
     def _unwrap(self) -> None:
         """Put every installed LoRA layer's base Linear back."""
-        from mlx.utils import tree_unflatten
-
         wrapped = [(n, m.linear) for n, m in self.model.named_modules() if hasattr(m, "lora_a")]
         if wrapped:
             self.model.update_modules(tree_unflatten(wrapped))
@@ -262,8 +270,6 @@ class VisionWorker(ModelThread):
     def _install(self, layout: LoraLayout, where: str) -> None:
         """Wrap the base Linear layers for `layout` with mlx-vlm's own LoRA code (unwrapping a
         previous layout first). On failure the model is left with no LoRA layers."""
-        from mlx_vlm.trainer.peft.utils import _apply_lora_layers
-
         self._unwrap()
         self.model.freeze()  # what is trainable after wrapping is exactly the LoRA tensors
         params: dict = {"rank": layout.rank, "scale": 0.0, "dropout": 0.0}
@@ -271,7 +277,7 @@ class VisionWorker(ModelThread):
             params["keys"] = list(layout.keys)
         config = {"fine_tune_type": "lora", "num_layers": layout.num_layers, "lora_parameters": params}
         try:
-            _apply_lora_layers(self.model, config)
+            apply_vlm_lora_layers(self.model, config)
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
             self._unwrap()
             raise EngineError(f"{where}: cannot put LoRA layers on {self.name} as the adapter asks "
@@ -281,7 +287,7 @@ class VisionWorker(ModelThread):
         self._lora_cache = None
         self.model.eval()  # new Dropout modules start in training mode
         self.layout = layout
-        self._expected = {k: tuple(v.shape) for k, v in _flat(self.model.trainable_parameters())}
+        self._expected = {k: tuple(v.shape) for k, v in tree_flatten(self.model.trainable_parameters())}
         if not self._expected:
             self._unwrap()
             raise EngineError(f"{where}: the adapter's layout puts no LoRA layer on {self.name}")
@@ -324,8 +330,6 @@ class VisionWorker(ModelThread):
     def _check_base_quantization(self, config: dict, where: str) -> None:
         """mlx-vlm would quantize base layers an adapter was trained on quantized; a hot-swap
         never changes the base, so the base must already be exactly that."""
-        import mlx.nn as nn
-
         wanted = config.get("base_quantization") or {}
         if not wanted:
             return
@@ -343,7 +347,7 @@ class VisionWorker(ModelThread):
     def _load(self, advisor: str, version: str, path: Path) -> LoadedVersion:
         key = (advisor, version)
         where = f"{advisor} {version} ({path})"
-        config, arrays, layout, scale = read_adapter(path, where)
+        config, arrays, layout, scale = read_version(path, where)
         self._check_base_quantization(config, where)
         previous_active, previous_layout = self.active, self.layout
         replaced = self.versions.get(key)
@@ -378,8 +382,6 @@ class VisionWorker(ModelThread):
         """Every tensor must be a LoRA tensor of the installed layers with its exact shape,
         every LoRA tensor must be there, and all values finite (load_weights(strict=False)
         would take anything)."""
-        import mlx.core as mx
-
         expected = self._expected
         bad = [f"{k} {tuple(v.shape)} (layer wants {expected[k]})" for k, v in sorted(arrays.items())
                if k in expected and tuple(v.shape) != expected[k]]
@@ -409,12 +411,12 @@ class VisionWorker(ModelThread):
         return gen.text
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes) -> Image.Image:
     """The request's image as mlx-vlm reads an image file (EXIF orientation applied, RGB),
     decoded now: bytes PIL cannot read raise an EngineError."""
-    from io import BytesIO
-
-    from mlx_vlm.utils import load_image
+    from mlx_vlm.utils import (  # noqa: PLC0415 - heavy: mlx_vlm import ~2 s
+        load_image,
+    )
 
     if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
         raise EngineError("the request's image is empty or not bytes")
@@ -426,10 +428,8 @@ def decode_image(data: bytes):
     return image
 
 
-def smoke_image(size: int = SMOKE_IMAGE_SIZE):
+def smoke_image(size: int = SMOKE_IMAGE_SIZE) -> Image.Image:
     """A small synthetic picture: four coloured quadrants."""
-    from PIL import Image
-
     img = Image.new("RGB", (size, size), (246, 244, 236))
     half = size // 2
     img.paste((212, 32, 39), (0, 0, half, half))
@@ -437,8 +437,3 @@ def smoke_image(size: int = SMOKE_IMAGE_SIZE):
     img.paste((247, 208, 32), (half, 0, size, half))
     return img
 
-
-def _flat(tree) -> list:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)

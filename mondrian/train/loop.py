@@ -1,11 +1,12 @@
 """The training loop both trainers share (text: mondrian/train/text.py, vision: mondrian/train/vision.py).
 
 A trainer brings its model-specific parts as `Hooks` (one optimizer step, the
-validation loss, how to write an adapter folder, how to load one); this module
-owns everything around them, once: the run record and resume bookkeeping, the
-progress bar and metric reports, evaluation on schedule with the best adapter
-kept, early stopping, checkpoints (adapter + optimizer state + trainer state),
-SIGINT/SIGTERM handling, the final adapter files and the loss curve.
+validation loss, how to write an adapter folder); this module owns everything
+around them, once: the base model lookup, the run record and resume bookkeeping
+(adapter and optimizer restored from a checkpoint), the progress bar and metric
+reports, evaluation on schedule with the best adapter kept, early stopping,
+checkpoints (adapter + optimizer state + trainer state), SIGINT/SIGTERM
+handling, the final adapter files and the loss curve.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
+from mondrian.core.adapters import AdapterError, load_trainable
 from mondrian.core.atomic import atomic_folder
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
+from mondrian.models.sources import ModelCard, ModelError, resolve
 from mondrian.train.plots import loss_curve_svg
 from mondrian.train.runs import RunStore
-
-ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 
 
 class TrainError(ValueError):
@@ -140,6 +141,22 @@ def begin(cfg, data: Path, out: Path, base_fingerprint: str, checkpoint: Path | 
                    meta | {"run_id": saved["run_id"]}, checkpoint)
 
 
+def base_model(spec: str) -> ModelCard:
+    """The base model a config names, resolved (imported or built once); TrainError if not."""
+    try:
+        return resolve(spec)
+    except ModelError as exc:
+        raise TrainError(str(exc)) from exc
+
+
+def restore_adapter(model, checkpoint: Path) -> None:
+    """A checkpoint's adapter tensors into the model's LoRA layers, names and shapes checked."""
+    try:
+        load_trainable(model, checkpoint)
+    except AdapterError as exc:
+        raise TrainError(str(exc)) from None
+
+
 def restore_optimizer(optimizer, checkpoint: Path) -> None:
     optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
 
@@ -184,6 +201,57 @@ def _lr(optimizer) -> float:
     return float(lr.item() if isinstance(lr, mx.array) else lr)
 
 
+def _window() -> dict:
+    """Counters for the steps since the last report."""
+    return {"loss": 0.0, "weight": 0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+
+
+def _evaluate(session: Session, out: Path, hooks: Hooks, bar: tqdm, step: int) -> None:
+    """Validation loss logged; a new best is written to out/best (with best.json)."""
+    state, run_id = session.state, session.run_id
+    val = hooks.evaluate()
+    if state["first_val_loss"] is None:
+        state["first_val_loss"] = val
+    session.store.log(run_id, step, {"val_loss": val})
+    if state["best_val_loss"] is None or val < state["best_val_loss"]:
+        state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
+        with atomic_folder(out / "best") as tmp:
+            hooks.save_adapter(tmp, {"step": step, "val_loss": val})
+            (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val,
+                                                       "run_id": run_id}) + "\n")
+    elif step > 0:
+        state["evals_without_improvement"] += 1
+    bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
+
+
+def _report(session: Session, window: dict, step: int, optimizer, bar: tqdm) -> float:
+    """Log the window's training metrics; returns its (token-weighted) training loss."""
+    dt = time.perf_counter() - window["t"]
+    session.state["train_seconds"] += dt
+    train_loss = window["loss"] / max(window["weight"], 1)
+    metrics = {"train_loss": train_loss, "tokens_per_s": window["tokens"] / dt,
+               "loss_tokens_per_s": window["weight"] / dt,
+               "steps_per_s": window["steps"] / dt, "learning_rate": _lr(optimizer),
+               "peak_memory_gb": mx.get_peak_memory() / 1e9}
+    session.store.log(session.run_id, step, metrics)
+    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    mem=f"{metrics['peak_memory_gb']:.2f}GB")
+    return train_loss
+
+
+def _publish(out: Path, hooks: Hooks, step: int) -> None:
+    """The final files: out/last holds the last step; the adapter files in `out` itself are
+    the best by validation loss (the last step's where there is no best)."""
+    with atomic_folder(out / "last") as tmp:
+        hooks.save_adapter(tmp, {"step": step})
+    best = out / "best"
+    for name in [n.name for n in (out / "last").iterdir() if n.is_file()]:
+        src = best / name if (best / name).exists() else out / "last" / name
+        tmp_file = out / f".{name}.tmp"
+        tmp_file.write_bytes(src.read_bytes())
+        os.replace(tmp_file, out / name)
+
+
 def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: bool = True,
         stop_after: int | None = None) -> TrainResult:
     """Steps start+1 .. iters with reports, evaluations, checkpoints; then the final files.
@@ -194,7 +262,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
     store, run_id, state, start = session.store, session.run_id, session.state, session.start
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
                disable=not progress, dynamic_ncols=True)
-    window = {"loss": 0.0, "weight": 0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+    window = _window()
     last_train_loss, status, error, stopped_early, step = None, "completed", None, False, start
 
     def result(status: str) -> TrainResult:
@@ -207,25 +275,10 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                            tokens_per_s=round(state["tokens"] / secs, 1) if secs else 0.0,
                            stopped_early=stopped_early)
 
-    def evaluate(step: int) -> None:
-        val = hooks.evaluate()
-        if state["first_val_loss"] is None:
-            state["first_val_loss"] = val
-        store.log(run_id, step, {"val_loss": val})
-        if state["best_val_loss"] is None or val < state["best_val_loss"]:
-            state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
-            with atomic_folder(out / "best") as tmp:
-                hooks.save_adapter(tmp, {"step": step, "val_loss": val})
-                (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val,
-                                                           "run_id": run_id}) + "\n")
-        elif step > 0:
-            state["evals_without_improvement"] += 1
-        bar.set_postfix_str(f"val {val:.3f} (best {state['best_val_loss']:.3f} @ {state['best_step']})")
-
     try:
         with Interrupt() as interrupt:
             if start == 0:
-                evaluate(0)
+                _evaluate(session, out, hooks, bar, 0)
             for step in range(start + 1, cfg.iters + 1):
                 loss, weight, tokens = hooks.step(step)
                 state["tokens"] += tokens
@@ -236,19 +289,10 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                 window["steps"] += 1
                 bar.update(1)
                 if step % cfg.steps_per_report == 0 or step == cfg.iters:
-                    dt = time.perf_counter() - window["t"]
-                    state["train_seconds"] += dt
-                    last_train_loss = window["loss"] / max(window["weight"], 1)
-                    metrics = {"train_loss": last_train_loss, "tokens_per_s": window["tokens"] / dt,
-                               "loss_tokens_per_s": window["weight"] / dt,
-                               "steps_per_s": window["steps"] / dt, "learning_rate": _lr(optimizer),
-                               "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                    store.log(run_id, step, metrics)
-                    bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                    mem=f"{metrics['peak_memory_gb']:.2f}GB")
-                    window = {"loss": 0.0, "weight": 0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+                    last_train_loss = _report(session, window, step, optimizer, bar)
+                    window = _window()
                 if step % cfg.steps_per_eval == 0 or step == cfg.iters:
-                    evaluate(step)
+                    _evaluate(session, out, hooks, bar, step)
                     window["t"] = time.perf_counter()  # evaluation time is not training throughput
                     if (cfg.early_stopping_patience
                             and state["evals_without_improvement"] >= cfg.early_stopping_patience):
@@ -265,15 +309,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                     bar.close()
                     store.close()
                     return result("interrupted")
-        # The published adapter is the best by validation loss; the last step is kept beside it.
-        with atomic_folder(out / "last") as tmp:
-            hooks.save_adapter(tmp, {"step": step})
-        best = out / "best"
-        for name in [n.name for n in (out / "last").iterdir() if n.is_file()]:
-            src = best / name if (best / name).exists() else out / "last" / name
-            tmp_file = out / f".{name}.tmp"
-            tmp_file.write_bytes(src.read_bytes())
-            os.replace(tmp_file, out / name)
+        _publish(out, hooks, step)
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
     except Exception as exc:

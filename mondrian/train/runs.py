@@ -1,6 +1,6 @@
 """Run tracking in SQLite: every training / evaluation run, its config, fingerprints and metrics.
 
-Tables (in the workspace's mondrian.db, next to `jobs`):
+Tables (in the workspace's mondrian.db, next to `jobs`; schema in mondrian.core.db):
 - `runs`: one row per run: kind, advisor, status (running / completed / failed /
   interrupted), config JSON, dataset and base-model fingerprints, adapter path,
   summary numbers, error text, pid and host (a `running` row whose process is gone
@@ -18,39 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
-from mondrian.core.db import open_db
+from mondrian.core.db import create_runs_tables, open_db
 
 STATUSES = ("running", "completed", "failed", "interrupted")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    advisor TEXT,
-    status TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    ended_at TEXT,
-    config TEXT,
-    dataset_fingerprint TEXT,
-    base_model TEXT,
-    base_model_fingerprint TEXT,
-    adapter_path TEXT,
-    parent_run_id TEXT,
-    summary TEXT,
-    error TEXT,
-    pid INTEGER,
-    host TEXT
-);
-CREATE TABLE IF NOT EXISTS run_metrics (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    step INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    value REAL NOT NULL,
-    time REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS run_metrics_run ON run_metrics(run_id, name, step);
-"""
-
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -62,7 +32,7 @@ class RunStore:
     def __init__(self, db_path: str | Path):
         self.path = Path(db_path)
         self.db = open_db(self.path, create=True)
-        self.db.conn.executescript(_SCHEMA)
+        create_runs_tables(self.db)
 
     def close(self) -> None:
         self.db.conn.close()

@@ -6,109 +6,33 @@ What mlx-lm's `train()` lacks, and this loop adds:
   A run killed with -9 and resumed ends with the same adapter as an uninterrupted one;
 - the best adapter by validation loss is kept, with optional early stopping;
 - errors before the first step: splits smaller than the batch, rows that would be
-  truncated, a tokenizer that does not fit the model, unknown config keys;
+  truncated, a tokenizer that does not fit the model, LoRA layers that do not exist;
 - every run recorded in SQLite (`runs`, `run_metrics`) with a loss-curve SVG;
 - speed: logits only where the loss is taken (answer tokens with mask_prompt), and
   length bucketing with padding to a multiple of 8 instead of 32.
+
+`mondrian.train.run.train` is the entry point; it sends image data to mondrian/train/vision.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mondrian.core.config import ConfigError, from_dict, load_yaml
+from mondrian.core.adapters import AdapterError, lora_targets, transformer_blocks, write_adapter
 from mondrian.core.jsonl import read_jsonl
 from mondrian.train import loop
-from mondrian.train.loop import Hooks, TrainError, TrainResult  # noqa: F401 - re-exported for callers
-
-# mlx-lm config keys that have no effect here; accepted so an mlx-lm config just works.
-MLX_LM_IGNORED = ("train", "test", "test_batches", "report_to", "project_name", "config",
-                  "clear_cache_threshold", "trust_remote_code")
-
-
-@dataclass
-class TrainConfig:
-    # -- keys shared with mlx-lm's LoRA config (same names, same meaning) --
-    model: str = "smollm2-135m"
-    data: str = "workspace/datasets/fit-query"
-    adapter_path: str = "adapters"
-    fine_tune_type: str = "lora"
-    num_layers: int = 16
-    lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "dropout": 0.0, "scale": 20.0})
-    batch_size: int = 4
-    iters: int = 1000
-    learning_rate: float = 1e-5
-    lr_schedule: dict | None = None
-    optimizer: str = "adam"
-    optimizer_config: dict = field(default_factory=dict)
-    mask_prompt: bool = False
-    max_seq_length: int = 2048
-    grad_checkpoint: bool = False
-    grad_accumulation_steps: int = 1
-    seed: int = 0
-    steps_per_report: int = 10
-    steps_per_eval: int = 200
-    val_batches: int = 25
-    save_every: int = 100
-    resume_adapter_file: str | None = None
-    hf_dataset: dict | None = None
-    train: bool = True
-    test: bool = False
-    test_batches: int = 500
-    report_to: str | None = None
-    project_name: str | None = None
-    config: str | None = None
-    clear_cache_threshold: int = 0
-    trust_remote_code: bool = False
-    # -- mondrian's own keys --
-    advisor: str | None = None  # recorded with the run
-    db: str | None = None  # runs database [the data's workspace mondrian.db, else ./mondrian.db]
-    early_stopping_patience: int = 0  # stop after this many evaluations without improvement
-    keep_checkpoints: int = 2
-    answer_only_logits: bool = True  # project to the vocabulary only where the loss is taken
-    bucket_batches: int = 8  # length-bucketing window, in batches (1 = no bucketing)
-
-    def check(self) -> None:
-        if self.fine_tune_type != "lora":
-            raise ConfigError(f"fine_tune_type '{self.fine_tune_type}': only 'lora' is supported")
-        if self.hf_dataset:
-            raise ConfigError("hf_dataset: datasets come from local folders (mondrian dataset)")
-        if self.resume_adapter_file:
-            raise ConfigError("resume_adapter_file: use `mondrian train --resume`, which restores "
-                              "the optimizer state and data position too")
-        if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise ConfigError(f"optimizer '{self.optimizer}' must be adam, adamw or sgd")
-        if self.num_layers != -1 and (not isinstance(self.num_layers, int) or self.num_layers < 1):
-            raise ConfigError(f"num_layers must be a positive integer or -1 for all layers "
-                              f"(got {self.num_layers!r})")
-        for key in ("batch_size", "iters", "steps_per_report", "steps_per_eval",
-                    "save_every", "max_seq_length", "grad_accumulation_steps", "bucket_batches",
-                    "keep_checkpoints"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be a positive integer (got {getattr(self, key)!r})")
-        unknown = sorted(set(self.lora_parameters) - {"rank", "scale", "dropout", "keys"})
-        if unknown:
-            raise ConfigError(f"lora_parameters: unknown key(s) {', '.join(unknown)} "
-                              "(known: dropout, keys, rank, scale; mlx-lm wants scale, not alpha)")
-
-
-def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    data = load_yaml(path) | (overrides or {})
-    cfg = from_dict(TrainConfig, data, str(path))
-    cfg.check()
-    return cfg
-
+from mondrian.train.config import TrainConfig, make_optimizer
+from mondrian.train.loop import Hooks, TrainError, TrainResult
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -125,7 +49,7 @@ class Split:
 
 
 def load_split(folder: Path, name: str, tokenizer, mask_prompt: bool) -> Split:
-    from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
+    from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
 
     path = folder / f"{name}.jsonl"
     if not path.is_file():
@@ -249,16 +173,9 @@ def loss_positions(lengths: np.ndarray, width: int) -> tuple[mx.array, mx.array]
 # checkpoints
 
 
-def _adapter_config(cfg: TrainConfig, base_path: str) -> dict:
-    """mlx-lm's adapter_config.json: what `mlx_lm.load(..., adapter_path=)` needs, plus the run."""
-    out = asdict(cfg) | {"model": base_path, "fine_tune_type": "lora"}
-    return {k: v for k, v in out.items() if k not in ("db",)}
-
-
-def save_adapter(folder: Path, model, cfg: TrainConfig, base_path: str) -> None:
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-    (folder / "adapter_config.json").write_text(json.dumps(_adapter_config(cfg, base_path), indent=2) + "\n")
+def save_adapter(folder: Path, model: nn.Module, cfg: TrainConfig, base_path: str) -> None:
+    """The trainable (LoRA) tensors and mlx-lm's adapter_config.json, plus the run's settings."""
+    write_adapter(folder, dict(tree_flatten(model.trainable_parameters())), cfg.adapter_config(base_path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,17 +211,6 @@ def preflight(cfg: TrainConfig, model, tokenizer, train: Split, valid: Split) ->
                              "(the prompt mask covers the whole row)")
 
 
-def make_optimizer(cfg: TrainConfig):
-    lr = cfg.learning_rate
-    if cfg.lr_schedule:
-        from mlx_lm.tuner.utils import build_schedule
-
-        lr = build_schedule(cfg.lr_schedule)
-    kwargs = dict(cfg.optimizer_config.get(cfg.optimizer, {})) if cfg.optimizer_config else {}
-    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[cfg.optimizer]
-    return cls(learning_rate=lr, **kwargs)
-
-
 def val_batches(split: Split, batch_size: int, n: int) -> list[list[int]]:
     """The validation batches: length-sorted (little padding), and when only `n` of them are
     wanted, `n` spread evenly over the length range. Taking the first `n` would measure only
@@ -331,66 +237,28 @@ def evaluate(model, loss_fn, split: Split, cfg: TrainConfig) -> float:
     return (total / count).item()
 
 
-def _is_vision_data(data: Path) -> bool:
-    """Rows with "images" are mlx-vlm rows: the vision trainer takes them."""
-    path = data / "train.jsonl"
-    if not path.is_file():
-        return False
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        return "images" in json.loads(first)
-    except json.JSONDecodeError:
-        return False
-
-
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
-    """Train a LoRA adapter as configured (vision data goes to `mondrian.train.vision`). `stop_after` ends the process's work after that
-    many steps, as a kill would (used to test resume); the run stays resumable."""
-    from mlx_lm import load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from mondrian.models.sources import ModelError, resolve
-
-    data = Path(cfg.data)
-    if not data.is_dir():
-        raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
-    if _is_vision_data(data):
-        from mondrian.train.vision import train_vision
-
-        return train_vision(cfg, resume=resume, progress=progress, stop_after=stop_after)
-    out = Path(cfg.adapter_path)
-    checkpoint = loop.check_output(out, resume)
-    try:
-        card = resolve(cfg.model)
-    except ModelError as exc:
-        raise TrainError(str(exc)) from exc
-
-    mx.random.seed(cfg.seed)
-    model, tokenizer = load(card.path)
-    train_split = load_split(data, "train", tokenizer, cfg.mask_prompt)
-    valid_split = load_split(data, "valid", tokenizer, cfg.mask_prompt)
-    preflight(cfg, model, tokenizer, train_split, valid_split)
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """Freeze the base and put mlx-lm's LoRA layers on the layers `lora_targets` names
+    (refused before step one when num_layers or a key does not fit the model)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
 
     model.freeze()
-    layers = getattr(model, "layers", None) or model.model.layers
-    num_layers = len(layers) if cfg.num_layers == -1 else cfg.num_layers
-    if num_layers > len(layers):
-        raise TrainError(f"num_layers {cfg.num_layers} > the model's {len(layers)} layers")
-    linear_to_lora_layers(model, num_layers, cfg.lora_parameters)
+    try:
+        lora_targets(model, cfg.num_layers, cfg.lora_parameters.get("keys"))
+        blocks = transformer_blocks(model)[1]
+    except AdapterError as exc:
+        raise TrainError(str(exc)) from None
+    linear_to_lora_layers(model, cfg.num_layers, cfg.lora_parameters)
     if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
+        from mlx_lm.tuner.trainer import grad_checkpoint  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
 
-        grad_checkpoint(layers[0])
-    optimizer = make_optimizer(cfg)
-    loss_fn = make_loss(model, cfg.answer_only_logits)
+        grad_checkpoint(blocks[0])
 
-    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint)
-    if checkpoint is not None:
-        model.load_weights(str(checkpoint / "adapters.safetensors"), strict=False)
-        loop.restore_optimizer(optimizer, checkpoint)
-    mx.eval(model.parameters())
+
+def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
+              cfg: TrainConfig) -> Callable[[int], tuple[float, int, int]]:
+    """Training step n -> (mean loss, loss tokens, tokens), a pure function of (seed, n) for
+    the data and the dropout noise, so a resumed run repeats an uninterrupted one."""
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -409,8 +277,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if os.environ.get("MONDRIAN_COMPILE", "1") == "1":
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
 
-    lengths_all = [len(t) for t in train_split.tokens]
-    per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+    lengths_all = [len(t) for t in split.tokens]
+    per_epoch = math.ceil(len(split) / cfg.batch_size)
     plans: dict[int, list[list[int]]] = {}
     grads = [None]  # gradient carried across accumulation steps
 
@@ -419,7 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         epoch, pos = divmod(step - 1, per_epoch)
         if epoch not in plans:
             plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch, cfg.bucket_batches)}
-        batch, lengths = make_batch(train_split, plans[epoch][pos], cfg.max_seq_length)
+        batch, lengths = make_batch(split, plans[epoch][pos], cfg.max_seq_length)
         positions, valid = loss_positions(np.array(lengths), batch.shape[1])
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
         lvalue, toks, grads[0] = step_fn(batch, lengths, positions, valid, grads[0], step % accum == 0)
@@ -427,7 +295,38 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         n_tokens = int(np.sum(np.minimum(np.array(lengths)[:, 1], cfg.max_seq_length)))
         return lvalue.item(), int(toks.item()), n_tokens
 
-    hooks = Hooks(step=one_step, evaluate=lambda: evaluate(model, loss_fn, valid_split, cfg),
+    return one_step
+
+
+def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+               stop_after: int | None = None) -> TrainResult:
+    """Train a LoRA adapter for a text advisor as configured. `stop_after` ends the process's
+    work after that many steps, as a kill would (used to test resume); the run stays resumable."""
+    from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
+
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
+    out = Path(cfg.adapter_path)
+    checkpoint = loop.check_output(out, resume)
+    card = loop.base_model(cfg.model)
+
+    mx.random.seed(cfg.seed)
+    model, tokenizer = load(card.path)
+    train_split = load_split(data, "train", tokenizer, cfg.mask_prompt)
+    valid_split = load_split(data, "valid", tokenizer, cfg.mask_prompt)
+    preflight(cfg, model, tokenizer, train_split, valid_split)
+    prepare_model(model, cfg)
+    optimizer = make_optimizer(cfg)
+    loss_fn = make_loss(model, cfg.answer_only_logits)
+
+    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint)
+    if checkpoint is not None:
+        loop.restore_adapter(model, checkpoint)
+        loop.restore_optimizer(optimizer, checkpoint)
+    mx.eval(model.parameters())
+    hooks = Hooks(step=make_step(model, optimizer, loss_fn, train_split, cfg),
+                  evaluate=lambda: evaluate(model, loss_fn, valid_split, cfg),
                   save_adapter=lambda folder, info: save_adapter(folder, model, cfg, card.path))
     model.train()
     return loop.run(cfg, session, out, hooks, optimizer, progress=progress, stop_after=stop_after)

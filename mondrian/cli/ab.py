@@ -1,0 +1,36 @@
+"""`mondrian ab report`: A/B analysis of the service's requests log."""
+
+from __future__ import annotations
+
+import click
+
+from mondrian.ab.report import ab_report, format_report
+from mondrian.cli.common import echo_json, fail
+
+
+@click.group()
+def ab() -> None:
+    """A/B analysis of the advisor service's served-requests log (SQLite)."""
+
+
+@ab.command("report")
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="The database holding the service's `requests` table.")
+@click.option("--advisor", help="Only this advisor.")
+@click.option("--control",
+              help="The control arm [the arm named 'control', else the first by name].")
+@click.option("--since",
+              help="Only requests received at or after this ISO 8601 time (naive = UTC).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ab_report_cmd(db_path: str, advisor: str | None, control: str | None, since: str | None,
+                  as_json: bool) -> None:
+    """Per arm: compliance, fallbacks, errors, latency; arms vs control; shadow; SRM; rollback
+    flags."""
+    try:
+        report = ab_report(db_path, advisor=advisor, control=control, since=since)
+    except ValueError as exc:  # includes mondrian.core.db.DBError
+        fail(exc)
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(format_report(report), nl=False)

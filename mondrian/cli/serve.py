@@ -1,0 +1,156 @@
+"""`mondrian serve`, and `mondrian service ...`: the admin client of a running service."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import click
+
+from mondrian.cli.common import ROOT_OPTION, base_model, echo_json, fail
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import load_advisors
+from mondrian.serve.errors import ServiceError
+from mondrian.serve.service import Service, ServiceConfig
+
+
+def _resolve_model(spec: str) -> tuple[str, str, str]:
+    card = base_model(spec)
+    return card.name, card.path, card.fingerprint
+
+
+@click.command()
+@click.option("--advisor", "advisors", multiple=True,
+              help="Serve this advisor (its production alias, or the base model when it has "
+                   "none). Repeatable; advisors in --routing are served too.")
+@click.option("--routing", "routing_path", type=click.Path(dir_okay=False),
+              help="Routing file (arms, weights, shadow, sticky, fallback); "
+                   "re-read when it changes.")
+@click.option("--model", "model_spec",
+              help="Base model spec when the route and the registry do not say.")
+@click.option("--db", "db_path", default="mondrian.db", show_default=True,
+              help="SQLite file for the requests table ('' = do not record).")
+@ROOT_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int, help="0 = any free port.")
+@click.option("--admin-token", envvar="MONDRIAN_ADMIN_TOKEN",
+              help="Bearer token for /admin [$MONDRIAN_ADMIN_TOKEN]; "
+                   "without one the admin endpoints are off.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded together.")
+@click.option("--ready-file", type=click.Path(dir_okay=False),
+              help="Write the port here once listening.")
+def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
+          db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
+          max_batch: int, ready_file: str | None) -> None:
+    """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
+    # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
+    from mondrian.serve.app import run_server  # noqa: PLC0415 - heavy: fastapi + uvicorn
+
+    cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
+                        advisors=list(advisors), model=model_spec, admin_token=admin_token,
+                        max_batch=max_batch)
+    service = Service(cfg, _resolve_model, load_advisors())
+    try:
+        service.start()
+    except ServiceError as exc:
+        service.close()
+        raise click.ClickException(exc.message) from None
+    except ConfigError as exc:
+        service.close()
+        fail(exc)
+
+    def ready(bound: int) -> None:
+        for name, s in service.served.items():
+            arms = ", ".join(f"{a.name}={a.version or 'base'} ({a.weight:g})" for a in s.plan.arms)
+            click.echo(f"serving {name} on {s.worker.name}: {arms}", err=True)
+        click.echo(f"listening on http://{host}:{bound} (admin {'on' if admin_token else 'off'})",
+                   err=True)
+        if ready_file:
+            Path(ready_file).write_text(str(bound))
+
+    run_server(service, host, port, ready=ready)  # returns on SIGINT/SIGTERM, the log flushed
+    click.echo("stopped", err=True)
+
+
+def _admin_call(url: str, token: str | None, method: str, path: str,
+                body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise click.ClickException(f"{exc.code}: {message}") from None
+    except urllib.error.URLError as exc:
+        raise click.ClickException(f"cannot reach the service at {url} ({exc.reason})") from None
+
+
+URL_OPTION = click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+                          envvar="MONDRIAN_URL", help="The service [$MONDRIAN_URL].")
+TOKEN_OPTION = click.option("--token", envvar="MONDRIAN_ADMIN_TOKEN",
+                            help="Admin token [$MONDRIAN_ADMIN_TOKEN].")
+
+
+@click.group()
+def service() -> None:
+    """Control a running service: load, activate and roll back versions, reload routing."""
+
+
+@service.command("state")
+@URL_OPTION
+@TOKEN_OPTION
+def service_state(url: str, token: str | None) -> None:
+    """Plans, loaded versions and recent events (JSON)."""
+    echo_json(_admin_call(url, token, "GET", "/admin/state"))
+
+
+@service.command("load")
+@click.argument("advisor")
+@click.argument("version")
+@URL_OPTION
+@TOKEN_OPTION
+def service_load(advisor: str, version: str, url: str, token: str | None) -> None:
+    """Verify, load and smoke-test VERSION on the running model (nothing serves it yet)."""
+    echo_json(_admin_call(url, token, "POST", f"/admin/advisors/{advisor}/load",
+                          {"version": version}))
+
+
+@service.command("activate")
+@click.argument("advisor")
+@click.argument("version")
+@click.option("--alias", default="production", show_default=True)
+@URL_OPTION
+@TOKEN_OPTION
+def service_activate(advisor: str, version: str, alias: str, url: str, token: str | None) -> None:
+    """Point ALIAS at VERSION and serve it, without reloading the base model."""
+    echo_json(_admin_call(url, token, "POST", f"/admin/advisors/{advisor}/activate",
+                          {"version": version, "alias": alias}))
+
+
+@service.command("rollback")
+@click.argument("advisor")
+@click.option("--alias", default="production", show_default=True)
+@URL_OPTION
+@TOKEN_OPTION
+def service_rollback(advisor: str, alias: str, url: str, token: str | None) -> None:
+    """Point ALIAS back at its previous version and serve it."""
+    echo_json(_admin_call(url, token, "POST", f"/admin/advisors/{advisor}/rollback",
+                          {"alias": alias}))
+
+
+@service.command("reload")
+@URL_OPTION
+@TOKEN_OPTION
+def service_reload(url: str, token: str | None) -> None:
+    """Re-read the routing file now (it is also re-read when it changes)."""
+    echo_json(_admin_call(url, token, "POST", "/admin/reload"))

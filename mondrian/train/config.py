@@ -1,0 +1,108 @@
+"""What a training run is configured with, shared by the text and vision trainers.
+
+`TrainConfig` takes mlx-lm's LoRA config keys (same names, same meaning) plus mondrian's
+own; `load_config` reads it from YAML and refuses what would fail or silently do nothing
+later; `make_optimizer` builds the optimizer both trainers step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.optimizers as optim
+
+from mondrian.core.config import ConfigError, from_dict, load_yaml
+
+
+@dataclass
+class TrainConfig:
+    # -- keys shared with mlx-lm's LoRA config (same names, same meaning) --
+    model: str = "smollm2-135m"
+    data: str = "workspace/datasets/fit-query"
+    adapter_path: str = "adapters"
+    fine_tune_type: str = "lora"
+    num_layers: int = 16
+    lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "dropout": 0.0, "scale": 20.0})
+    batch_size: int = 4
+    iters: int = 1000
+    learning_rate: float = 1e-5
+    lr_schedule: dict | None = None
+    optimizer: str = "adam"
+    optimizer_config: dict = field(default_factory=dict)
+    mask_prompt: bool = False
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+    grad_accumulation_steps: int = 1
+    seed: int = 0
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25
+    save_every: int = 100
+    resume_adapter_file: str | None = None
+    hf_dataset: dict | None = None
+    # -- mlx-lm keys with no effect here, accepted so an mlx-lm config just works --
+    train: bool = True
+    test: bool = False
+    test_batches: int = 500
+    report_to: str | None = None
+    project_name: str | None = None
+    config: str | None = None
+    clear_cache_threshold: int = 0
+    trust_remote_code: bool = False
+    # -- mondrian's own keys --
+    advisor: str | None = None  # recorded with the run
+    db: str | None = None  # runs database [the data's workspace mondrian.db, else ./mondrian.db]
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement
+    keep_checkpoints: int = 2
+    answer_only_logits: bool = True  # project to the vocabulary only where the loss is taken
+    bucket_batches: int = 8  # length-bucketing window, in batches (1 = no bucketing)
+
+    def check(self) -> None:
+        if self.fine_tune_type != "lora":
+            raise ConfigError(f"fine_tune_type '{self.fine_tune_type}': only 'lora' is supported")
+        if self.hf_dataset:
+            raise ConfigError("hf_dataset: datasets come from local folders (mondrian dataset)")
+        if self.resume_adapter_file:
+            raise ConfigError("resume_adapter_file: use `mondrian train --resume`, which restores "
+                              "the optimizer state and data position too")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"optimizer '{self.optimizer}' must be adam, adamw or sgd")
+        if self.num_layers != -1 and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ConfigError(f"num_layers must be a positive integer or -1 for all layers "
+                              f"(got {self.num_layers!r})")
+        for key in ("batch_size", "iters", "steps_per_report", "steps_per_eval",
+                    "save_every", "max_seq_length", "grad_accumulation_steps", "bucket_batches",
+                    "keep_checkpoints"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer (got {getattr(self, key)!r})")
+        unknown = sorted(set(self.lora_parameters) - {"rank", "scale", "dropout", "keys"})
+        if unknown:
+            raise ConfigError(f"lora_parameters: unknown key(s) {', '.join(unknown)} "
+                              "(known: dropout, keys, rank, scale; mlx-lm wants scale, not alpha)")
+
+    def adapter_config(self, base_path: str) -> dict:
+        """The text trainer's adapter_config.json: what `mlx_lm.load(..., adapter_path=)` needs
+        (fine_tune_type, num_layers, lora_parameters), plus the run's other settings."""
+        out = asdict(self) | {"model": base_path, "fine_tune_type": "lora"}
+        return {k: v for k, v in out.items() if k not in ("db",)}
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """A checked TrainConfig from a YAML file, `overrides` (keys as in the file) applied."""
+    data = load_yaml(path) | (overrides or {})
+    cfg = from_dict(TrainConfig, data, str(path))
+    cfg.check()
+    return cfg
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """The configured optimizer, with mlx-lm's learning-rate schedule when one is set."""
+    lr = cfg.learning_rate
+    if cfg.lr_schedule:
+        from mlx_lm.tuner.utils import build_schedule  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
+
+        lr = build_schedule(cfg.lr_schedule)
+    kwargs = dict(cfg.optimizer_config.get(cfg.optimizer, {})) if cfg.optimizer_config else {}
+    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[cfg.optimizer]
+    return cls(learning_rate=lr, **kwargs)
