@@ -304,7 +304,8 @@ def bench_throughput(card, spec: str, reg_root: Path, tmp: Path, questions: list
     one = [{"name": "control", "version": "v1", "weight": 1}]
     write_routing(routing, spec, max_tokens, two)
     server = Server(tmp, "throughput", "--routing", str(routing), "--root", str(reg_root),
-                    "--db", str(tmp / "throughput.db"), "--max-batch", str(max_batch))
+                    "--db", str(tmp / "throughput.db"), "--max-batch", str(max_batch),
+                    "--unconstrained")  # the peer decodes freely: like for like
     users = even_users(len(questions))
     model, tok = load(str(card.path), adapter_path=str(reg_root / ADV / "v1"))
     prompts = [chat_prompt(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}])
@@ -384,7 +385,7 @@ def bench_recording(spec: str, reg_root: Path, tmp: Path, questions: list[str], 
     speed difference does not always favour one side), `pairs` alternating requests each."""
     import sqlite3
 
-    common = ["--advisor", ADV, "--model", spec, "--root", str(reg_root)]
+    common = ["--advisor", ADV, "--model", spec, "--root", str(reg_root), "--unconstrained"]
     lat: dict[str, list[float]] = {"on": [], "off": []}
     server_ms: dict[str, list[float]] = {"on": [], "off": []}
     per_session, recorded = [], 0

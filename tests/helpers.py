@@ -59,17 +59,20 @@ def write_random_adapter(folder: Path, base_path: str, seed: int = 0, num_layers
 
 class ServeProcess:
     """A real `mondrian serve` subprocess on 127.0.0.1 (any free port), for tests and benchmarks.
-    `wait=False` returns once it is started; `ready()` then waits for its port."""
+    `wait=False` returns once it is started; `ready()` then waits for its port. Text advisors
+    decode freely unless `constrained` (most tests compare answers with free generation or
+    need a random model's contract failures; test_service.py covers the grammar default)."""
 
     def __init__(self, tmp: Path, *args: str, name: str = "server", token: str | None = None,
-                 wait: bool = True, timeout: float = 600):
+                 wait: bool = True, timeout: float = 600, constrained: bool = False):
         import subprocess
         import time
 
         stamp = f"{name}-{time.monotonic_ns()}"
         self.ready_file, self.log, self.token, self.timeout = tmp / f"{stamp}.port", tmp / f"{stamp}.log", token, timeout
         cmd = [sys.executable, "-m", "mondrian.cli", "serve", "--port", "0", "--ready-file", str(self.ready_file),
-               *(["--admin-token", token] if token else []), *args]
+               *(["--admin-token", token] if token else []),
+               *([] if constrained or "--unconstrained" in args else ["--unconstrained"]), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      env=dict(os.environ))
         if wait:

@@ -76,8 +76,14 @@ def test_eval_a_published_version(trained_run, tmp_path):
                               "--max-tokens", "12", "--batch-size", "3", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
-    assert summary["rows"] == 6 and {"base", "adapter"} <= set(summary)
+    # constrained arms by default (the contract's grammar), free arms only with --unconstrained
+    assert summary["rows"] == 6 and {"base", "adapter", "base_constrained", "adapter_constrained"} <= set(summary)
     assert (Path(summary["out_dir"]) / "report.md").is_file()
+    res = runner.invoke(cli, ["eval", "--adapter", "fit-query:production", "--root", reg, "--limit", "6",
+                              "--max-tokens", "12", "--batch-size", "3", "--json", "--unconstrained"])
+    assert res.exit_code == 0, res.output
+    free = json.loads(res.output)
+    assert {"base", "adapter"} <= set(free) and not any(k.endswith("_constrained") for k in free)
     from mondrian.train.runs import RunStore
 
     store = RunStore(root / "mondrian.db")

@@ -17,6 +17,7 @@ from mondrian.evaluate import metrics, stats
 from mondrian.evaluate import report as rep
 from mondrian.evaluate import rows as ev_rows
 from mondrian.evaluate import run as ev
+from mondrian.models import constrained
 from mondrian.models import generation as gen
 from mondrian.train.runs import RunStore
 
@@ -386,7 +387,7 @@ def test_constrained_decoding_makes_a_random_model_write_the_contract(tiny_loade
 
     small.write_text(yaml.safe_dump({"name": "small", "input_kind": "text", "system_prompt": "answer", "schema": schema}))
     adv: Advisor = load_advisor(small)
-    constraint = gen.SchemaConstraint(adv.schema, tok)
+    constraint = constrained.SchemaConstraint(adv.schema, tok)
     prompts = [gen.chat_prompt(tok, [{"role": "user", "content": q}]) for q in ("wind in kent", "solar", "hydro?")]
     free, _ = gen.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40)
     held, _ = gen.generate_batch(model, tok, prompts, batch_size=2, max_tokens=40,
@@ -428,7 +429,7 @@ def test_grammar_schema_says_what_the_contract_says():
     the contract accepts, on every generated answer and on answers that break the rules."""
     import jsonschema
 
-    rewritten, notes = gen.grammar_schema(FIT.schema)
+    rewritten, notes = constrained.grammar_schema(FIT.schema)
     assert len(rewritten["anyOf"]) == 7 and any("anyOf" in n for n in notes)  # 4 query types x 2 exclusions, less comparison-without-technologies
     check = jsonschema.Draft202012Validator(rewritten)
     good, bad = _answers_and_breakers()
@@ -436,21 +437,23 @@ def test_grammar_schema_says_what_the_contract_says():
     for obj in good + bad:
         assert check.is_valid(obj) == (not FIT.violations(obj)), obj
     assert sum(check.is_valid(b) for b in bad) == 0
-    assert gen.grammar_schema({"type": "object", "properties": {"a": {"type": "string"}}})[1] == []
+    assert constrained.grammar_schema({"type": "object", "properties": {"a": {"type": "string"}}})[1] == []
 
 
 def test_grammar_takes_every_contract_answer_and_refuses_inconsistent_ones(tiny_loaded):
     import llguidance
 
     _, tok = tiny_loaded
-    constraint = gen.SchemaConstraint(FIT.schema, tok)
-    assert constraint.warnings and all("uniqueItems" in w for w in constraint.warnings)
+    constraint = constrained.SchemaConstraint(FIT.schema, tok)
+    # llguidance ignores uniqueItems; the processor holds it for every list of strings
+    assert constraint.unique == {"technologies", "exclude_technologies", "postcode_patterns"}
+    assert not any("uniqueItems" in w for w in constraint.warnings)
     good, bad = _answers_and_breakers()
     for obj in good[:120]:
         ids = tok.encode(FIT.render(obj), add_special_tokens=False)
         m = llguidance.LLMatcher(constraint.lltok, constraint.grammar, log_level=0)
         assert m.consume_tokens(ids) and m.is_accepting(), FIT.render(obj)
-    for obj in bad[:5]:  # the last one only breaks uniqueItems, which the grammar leaves to the contract
+    for obj in bad[:5]:  # the last one only breaks uniqueItems, which the processor (not the grammar) holds
         ids = tok.encode(FIT.render(obj), add_special_tokens=False)
         m = llguidance.LLMatcher(constraint.lltok, constraint.grammar, log_level=0)
         assert not (m.consume_tokens(ids) and m.is_accepting()), FIT.render(obj)

@@ -329,6 +329,49 @@ def test_service_without_any_adapter(tmp_path, tiny_llama, reference):
         server.stop()
 
 
+def test_text_advisors_decode_under_their_contract_by_default(tmp_path, tiny_llama):
+    """Without --unconstrained the random tiny model still answers within the contract (free,
+    it never does), lists hold no repeats, and every row records how it was decoded."""
+    db = tmp_path / "requests.db"
+    held = Server(tmp_path, "--advisor", ADV, "--model", "tiny:llama", "--root", str(tmp_path / "empty"),
+                  "--db", str(db), token=TOKEN, timeout=120, constrained=True)
+    try:
+        answers = [held.ask(q, max_tokens=256) for q in QUESTIONS[:4]]
+    finally:
+        held.stop()
+    free = start_server(tmp_path, "--advisor", ADV, "--model", "tiny:llama", "--root", str(tmp_path / "empty"),
+                        "--db", str(db))
+    try:
+        free_answers = [free.ask(q, max_tokens=256) for q in QUESTIONS[:4]]
+    finally:
+        free.stop()
+    for status, body in answers:
+        assert status == 200 and body["contract_ok"] and body["finish_reason"] == "stop", body
+        lists = [v for v in body["answer"].values() if isinstance(v, list)]
+        assert all(len(v) == len(set(v)) for v in lists), body["answer"]
+    assert not any(body["contract_ok"] for _, body in free_answers)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT constrained, contract_ok FROM requests ORDER BY received_at").fetchall()
+    assert rows == [(1, 1)] * 4 + [(0, 0)] * 4
+
+
+def test_an_older_requests_table_gets_the_new_column(tmp_path):
+    """A requests table written before `constrained` existed is extended in place, old rows
+    kept with NULL (not recorded)."""
+    from mondrian.core.db import REQUEST_COLUMNS, create_request_tables
+
+    db = tmp_path / "old.db"
+    old = [c for c in REQUEST_COLUMNS if c != "constrained"]
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE requests ({', '.join(old)})")
+        conn.execute("INSERT INTO requests (request_id, advisor) VALUES ('r1', 'fit-query')")
+    create_request_tables(db)
+    with sqlite3.connect(db) as conn:
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
+        assert cols == list(REQUEST_COLUMNS)
+        assert conn.execute("SELECT request_id, constrained FROM requests").fetchall() == [("r1", None)]
+
+
 def test_image_helper_accepts_real_images():
     from PIL import Image
 

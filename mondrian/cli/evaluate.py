@@ -52,8 +52,10 @@ def _adapter_config(path: Path | None) -> dict:
 @click.option("--limit", type=click.IntRange(1), help="Only the first N rows.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--constrained", is_flag=True,
-              help="Also run JSON-Schema-constrained decoding arms.")
+@click.option("--constrained/--unconstrained", default=True, show_default=True,
+              help="Also run the arms decoded under the contract's JSON-Schema grammar (lists "
+                   "unique, capped at the longest in the training split); --unconstrained runs "
+                   "only free decoding.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False),
               help="Runs database [the data's workspace].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),

@@ -42,16 +42,19 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
               help="Requests decoded together.")
 @click.option("--ready-file", type=click.Path(dir_okay=False),
               help="Write the port here once listening.")
+@click.option("--unconstrained", is_flag=True,
+              help="Decode text advisors freely; by default their answers are decoded under the "
+                   "contract's JSON-Schema grammar (lists unique and capped).")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
           db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
-          max_batch: int, ready_file: str | None) -> None:
+          max_batch: int, ready_file: str | None, unconstrained: bool) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
     from mondrian.serve.app import run_server  # noqa: PLC0415 - heavy: fastapi + uvicorn
 
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
                         advisors=list(advisors), model=model_spec, admin_token=admin_token,
-                        max_batch=max_batch)
+                        max_batch=max_batch, constrained=not unconstrained)
     service = Service(cfg, _resolve_model, load_advisors())
     try:
         service.start()

@@ -230,6 +230,7 @@ REQUEST_COLUMNS: dict[str, tuple[str, bool, str]] = {
     "queue_ms": ("REAL", False, "time waiting for the model worker, ms"),
     "prompt_tokens": ("INTEGER", False, "prompt tokens"),
     "completion_tokens": ("INTEGER", False, "completion tokens"),
+    "constrained": ("INTEGER", False, "1/0: decoded under the advisor's JSON-Schema grammar"),
 }
 # The arm of requests whose client named advisor@version: outside the routed split.
 PINNED_ARM = "pinned"
@@ -356,6 +357,16 @@ def _norm_sql(sql: str | None) -> str:
     return " ".join((sql or "").split())
 
 
+def _add_missing_columns(conn: sqlite3.Connection, table: str,
+                         columns: dict[str, tuple[str, bool, str]]) -> None:
+    """Columns added by a newer mondrian, added to an older file (nullable: old rows hold
+    NULL, meaning "not recorded"); nothing else about a table ever changes in place."""
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    for name, (sqltype, _, _) in columns.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sqltype}")
+
+
 def create_request_tables(
         conn_or_path: sqlite3.Connection | sqlite_utils.Database | str | Path) -> None:
     """Create `requests`, `routing_configs`, their indexes and the ab_* views (idempotent).
@@ -371,6 +382,7 @@ def create_request_tables(
         return
     conn = as_connection(conn_or_path)
     conn.executescript(_REQUEST_TABLES)
+    _add_missing_columns(conn, "requests", REQUEST_COLUMNS)
     for name, body in REQUEST_VIEWS.items():
         sql = f"CREATE VIEW {name} AS{body}"
         row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()

@@ -373,6 +373,9 @@ def _md_constrained(r: EvalReport) -> list[str]:
     cfg = r.config
     if cfg.get("grammar_rewrites"):
         lines += ["", "Schema rewritten for the grammar: " + "; ".join(cfg["grammar_rewrites"]) + "."]
+    if cfg.get("grammar_list_caps"):
+        lines += ["", "Lists capped at the longest in the training split, each item unique: "
+                  + ", ".join(f"{k} <= {v}" for k, v in sorted(cfg["grammar_list_caps"].items())) + "."]
     if cfg.get("grammar_warnings"):
         lines += ["", "Not enforced by the grammar (checked after decoding): "
                   + "; ".join(cfg["grammar_warnings"])]

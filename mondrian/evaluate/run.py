@@ -40,7 +40,8 @@ from mondrian.evaluate.report import (
     write_report,
 )
 from mondrian.evaluate.rows import EvalRow, load_rows
-from mondrian.models.generation import AdapterSwitch, SchemaConstraint, chat_prompt, generate_batch
+from mondrian.models.constrained import SchemaConstraint, list_caps
+from mondrian.models.generation import AdapterSwitch, chat_prompt, generate_batch
 from mondrian.models.sources import ModelCard, ModelError, resolve
 from mondrian.train.loop import runs_db
 from mondrian.train.runs import RunStore
@@ -116,7 +117,7 @@ def _answer_arms(model: Any, tokenizer: Any, prompts: list[str], plan: list[str]
 
 
 def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor, rows: list[EvalRow],
-                        config: dict, notes: list[str], *, batch_size: int, max_tokens: int,
+                        data_dir: Path, config: dict, notes: list[str], *, batch_size: int, max_tokens: int,
                         constrained: bool, seed: int, resamples: int, progress: bool) -> EvalReport:
     from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
 
@@ -126,7 +127,10 @@ def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor,
     plan = [BASE] + ([ADAPTER] if adapter else [])
     constraint = None
     if constrained:
-        constraint = SchemaConstraint(advisor.schema, tokenizer)
+        train = data_dir / "train.jsonl"  # lists capped at the longest the training data holds
+        caps = list_caps(r.reference for r in load_rows(data_dir, "train", advisor)) if train.is_file() else {}
+        constraint = SchemaConstraint(advisor.schema, tokenizer, max_items=caps)
+        config["grammar_list_caps"] = caps
         config["grammar_warnings"] = constraint.warnings
         config["grammar_rewrites"] = constraint.rewrites
         plan += [arm + CONSTRAINED_SUFFIX for arm in list(plan)]
@@ -178,7 +182,7 @@ def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: 
     run_id = store.start("eval", advisor.name, config, config["dataset_fingerprint"], spec, card.fingerprint,
                          config["adapter_path"], parent_run_id=_parent_run(adapter) if adapter else None)
     try:
-        report = _generate_and_score(card, adapter, advisor, rows, config, notes, batch_size=batch_size,
+        report = _generate_and_score(card, adapter, advisor, rows, data_dir, config, notes, batch_size=batch_size,
                                      max_tokens=max_tokens, constrained=constrained, seed=seed,
                                      resamples=resamples, progress=progress)
         report.run_id = run_id

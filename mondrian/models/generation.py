@@ -1,14 +1,11 @@
-"""Generation on an MLX model: chat prompts, batched greedy decoding, LoRA layers on/off, and
-JSON-Schema-constrained decoding. Shared by evaluation (`mondrian.evaluate.run`) and the service
-(`mondrian.serve.engine`), so an evaluated answer and a served answer come from the same code.
+"""Generation on an MLX model: chat prompts, batched greedy decoding, LoRA layers on/off.
+Shared by evaluation (`mondrian.evaluate.run`) and the service (`mondrian.serve.engine`), so an
+evaluated answer and a served answer come from the same code. Contract-constrained decoding
+(the logits processors) is mondrian.models.constrained.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-import json
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -16,11 +13,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import llguidance
-import llguidance.numpy as lnp
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from mondrian.models import upstream
 
@@ -239,179 +233,3 @@ def generate_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]
     finally:
         dec.close()
     return out, time.perf_counter() - t0
-
-
-MAX_BRANCHES = 64
-
-
-def _tighten_arrays(node) -> None:
-    """uniqueItems over an enum (or const) can hold at most that many items: say so with
-    maxItems, which llguidance enforces (it does not implement uniqueItems)."""
-    if isinstance(node, list):
-        for x in node:
-            _tighten_arrays(x)
-        return
-    if not isinstance(node, dict):
-        return
-    items = node.get("items")
-    if node.get("uniqueItems") and isinstance(items, dict):
-        n = len(items["enum"]) if isinstance(items.get("enum"), list) else 1 if "const" in items else None
-        if n is not None:
-            node["maxItems"] = min(node.get("maxItems", n), n)
-    for v in node.values():
-        _tighten_arrays(v)
-
-
-def _conditional(entry) -> tuple[str, Any, list[str]] | None:
-    """`if: {properties: {K: {const: v}}}, then: {required: [...]}` -> (K, v, required)."""
-    if not isinstance(entry, dict) or set(entry) != {"if", "then"}:
-        return None
-    cond, then = entry["if"], entry["then"]
-    if not isinstance(cond, dict) or set(cond) != {"properties"} or len(cond["properties"]) != 1:
-        return None
-    (key, sub), = cond["properties"].items()
-    if not isinstance(sub, dict) or set(sub) != {"const"} or not isinstance(then, dict) or set(then) != {"required"}:
-        return None
-    return key, sub["const"], list(then["required"])
-
-
-def _exclusion(entry) -> list[str] | None:
-    """`not: {required: [A, B, ...]}` -> [A, B, ...] (not all of them together)."""
-    if isinstance(entry, dict) and set(entry) == {"not"} and isinstance(entry["not"], dict) \
-            and set(entry["not"]) == {"required"} and len(entry["not"]["required"]) >= 2:
-        return list(entry["not"]["required"])
-    return None
-
-
-def grammar_schema(schema: dict) -> tuple[dict, list[str]]:
-    """The advisor's schema rewritten into an equivalent (or tighter-where-implied) one that
-    llguidance can enforce, and what was rewritten.
-
-    - arrays: uniqueItems over an enum -> maxItems = the enum's size;
-    - top-level `allOf` of `if {K: const v} then {required}` conditionals on one required enum
-      discriminator K and `not {required: [A, B]}` exclusions (the fit-query contract's
-      self-consistency rules) -> `anyOf` branches, one per (value of K, field left out of
-      each exclusion), each with K fixed and its required fields. llguidance implements
-      neither if/then nor not; the branches say the same thing in what it does implement.
-
-    Anything else is left as it is (llguidance then ignores it leniently and the contract
-    still checks it after decoding)."""
-    s = copy.deepcopy(schema)
-    notes = []
-    before = json.dumps(s, sort_keys=True)
-    _tighten_arrays(s)
-    if json.dumps(s, sort_keys=True) != before:
-        notes.append("uniqueItems over an enum bounded by maxItems")
-    all_of = s.get("allOf")
-    props = s.get("properties")
-    if not isinstance(all_of, list) or not isinstance(props, dict):
-        return s, notes
-    conds = [c for c in map(_conditional, all_of) if c]
-    excls = [x for x in map(_exclusion, all_of) if x]
-    rest = [e for e in all_of if not _conditional(e) and not _exclusion(e)]
-    keys = {k for k, _, _ in conds}
-    if len(keys) > 1 or (not conds and not excls):
-        return s, notes
-    values: list = [None]
-    if conds:
-        (key,) = keys
-        enum = (props.get(key) or {}).get("enum")
-        if key not in s.get("required", []) or not isinstance(enum, list) or any(v not in enum for _, v, _ in conds):
-            return s, notes
-        values = enum
-    combos = list(itertools.product(*excls))
-    if len(values) * len(combos) > MAX_BRANCHES:
-        return s, notes
-    common = {k: v for k, v in s.items() if k not in ("allOf", "properties", "required", "$schema", "title")}
-    branches = []
-    for value in values:
-        required = list(s.get("required", []))
-        for _key, v, req in conds:
-            if v == value:
-                required += [r for r in req if r not in required]
-        for dropped in combos:
-            if any(d in required for d in dropped):
-                continue  # this branch would need a field it leaves out
-            bprops = {}
-            for name, sub in props.items():
-                if name in dropped:
-                    if s.get("additionalProperties") is not False:
-                        bprops[name] = False
-                    continue
-                bprops[name] = ({**sub, "const": value} if conds and name == key else sub)
-            branch = {**common, "properties": bprops, "required": required}
-            if rest:
-                branch["allOf"] = rest
-            branches.append(branch)
-    out = {k: s[k] for k in ("$schema", "title") if k in s} | {"anyOf": branches}
-    notes.append(f"if/then and not rewritten as {len(branches)} anyOf branches")
-    return out, notes
-
-
-class SchemaConstraint:
-    """JSON-Schema-constrained decoding with llguidance, as mlx-lm logits processors.
-
-    The grammar comes from the advisor's schema through `grammar_schema` (conditionals and
-    exclusions as anyOf branches), compact (no whitespace, "," and ":"), so a constrained
-    answer is written exactly as `Advisor.render` writes training answers; keys llguidance
-    still cannot enforce (uniqueItems) are listed in `warnings` and checked by the contract
-    after decoding. The mask is llguidance's bitmask computed into a numpy array and applied
-    with `mx.where`: no Metal kernel, so it runs on Linux (CPU) as well as on a Mac. One
-    `processor()` per row: each holds its own matcher state.
-    """
-
-    OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": True}
-
-    def __init__(self, schema: dict, tokenizer: Any):
-        import llguidance.hf  # noqa: PLC0415 - heavy: imports transformers (~1 s)
-
-        hf = getattr(tokenizer, "_tokenizer", tokenizer)
-        eos = sorted(tokenizer.eos_token_ids) if hasattr(tokenizer, "eos_token_ids") else None
-        self.lltok = llguidance.hf.from_tokenizer(hf, eos_token=eos[0] if eos and len(eos) == 1 else eos)
-        self.schema, self.rewrites = grammar_schema(schema)
-        self.grammar = llguidance.LLMatcher.grammar_from_json_schema(self.schema, overrides=self.OPTIONS)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self.grammar, self.lltok)
-        if is_error:
-            raise GenerationError(f"llguidance cannot compile the schema: {messages[0] if messages else '?'}")
-        self.warnings = list(messages)
-        self.vocab = self.lltok.vocab_size
-        self.eos = eos or [self.lltok.eos_token]
-
-    def processor(self) -> Callable:
-        return _MaskProcessor(llguidance.LLMatcher(self.lltok, self.grammar, log_level=0), self.vocab, self.eos)
-
-
-class _MaskProcessor:
-    """A per-row logits processor: feeds the row's new tokens to its matcher, then keeps only
-    the tokens the grammar allows (EOS once the object is complete)."""
-
-    def __init__(self, matcher, vocab: int, eos: list[int]):
-        self.matcher, self.vocab, self.eos = matcher, vocab, eos
-        self.seen: int | None = None  # context length already fed to the matcher
-        self.words = np.zeros((1, (vocab + 31) // 32), dtype=np.int32)
-        self.failed: str | None = None
-
-    def _allowed(self, width: int):
-        if self.matcher.is_error():
-            allowed = np.zeros(width, dtype=bool)
-            allowed[[e for e in self.eos if e < width]] = True  # end the answer; the contract check will fail it
-            return allowed
-        lnp.fill_next_token_bitmask(self.matcher, self.words, 0)
-        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little").astype(bool)[: self.vocab]
-        if width > bits.size:  # the model's output layer can be wider than the tokenizer
-            bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=bool)])
-        return bits[:width]
-
-    def __call__(self, context, logits):
-        n = int(context.shape[-1])
-        if self.seen is None:
-            self.seen = n  # the first call sees the prompt only
-        elif n > self.seen:
-            new = context.reshape(-1)[self.seen:].tolist()
-            self.seen = n
-            if not self.matcher.consume_tokens(new) and self.failed is None:
-                self.failed = self.matcher.get_error()
-        allowed = mx.array(self._allowed(logits.shape[-1]))
-        return mx.where(allowed, logits, mx.array(-math.inf, dtype=logits.dtype))
-
-

@@ -30,6 +30,8 @@ from pathlib import Path
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import Advisor, loads_strict
 from mondrian.core.db import create_request_tables
+from mondrian.models.constrained import SchemaConstraint
+from mondrian.models.generation import GenerationError
 from mondrian.registry.records import RegistryError
 from mondrian.registry.store import Registry
 from mondrian.serve.engine import Answer, EngineError, ModelWorker
@@ -56,6 +58,7 @@ class ServiceConfig:
     max_prompt_tokens: int = 1024
     max_batch: int = 8
     poll_s: float = 0.5
+    constrained: bool = True  # text advisors decode under their contract's grammar
 
 
 @dataclass
@@ -64,6 +67,11 @@ class Served:
     worker: ModelWorker
     advisor: Advisor
     route: AdvisorRoute
+    constraint: SchemaConstraint | None = None  # the contract's grammar; None = free decoding
+
+    def processor(self) -> Callable | None:
+        """A fresh logits processor for one request (each holds its own grammar state)."""
+        return self.constraint.processor() if self.constraint else None
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Service:
         self.workers: dict[str, ModelWorker] = {}  # by base-model fingerprint
         self._spec_workers: dict[str, ModelWorker] = {}
         self.served: dict[str, Served] = {}
+        self._constraints: dict[tuple[str, str], SchemaConstraint] = {}
         self.routing = RoutingConfig()
         self.routing_mtime: float | None = None
         self.last_reload: dict = {}
@@ -206,10 +215,23 @@ class Service:
                 self.ensure_loaded(advisor, version, worker)
             if self.cfg.db_path:
                 record_routing(self.cfg.db_path, plan.routing_id, advisor, plan.describe())
-            self.served[advisor] = Served(plan, worker, contract, route)
+            self.served[advisor] = Served(plan, worker, contract, route, self._constraint(contract, worker))
             self._event("plan", advisor=advisor, routing_id=plan.routing_id,
                         arms={a.name: a.version or "base" for a in arms})
             return plan
+
+    def _constraint(self, contract: Advisor, worker: ModelWorker | VisionWorker) -> SchemaConstraint | None:
+        """The advisor's grammar on the worker's tokenizer, built once (~2 s) and kept; lists
+        are capped by the contract's own maxItems and never repeat an item."""
+        if not self.cfg.constrained or isinstance(worker, VisionWorker):
+            return None
+        key = (contract.fingerprint, worker.fingerprint)
+        if key not in self._constraints:
+            try:
+                self._constraints[key] = SchemaConstraint(contract.schema, worker.tokenizer)
+            except GenerationError as exc:
+                raise ServiceError(400, f"advisor {contract.name}: {exc} (serve it with --unconstrained)") from None
+        return self._constraints[key]
 
     def load_version(self, advisor: str, ref: str) -> str:
         """Verify and load `ref` (alias or vN) on the advisor's worker; returns the version."""
@@ -341,6 +363,7 @@ class Service:
             "queue_ms": ans.queue_s * 1000 if ans else None,
             "prompt_tokens": ans.prompt_tokens if ans else (None if vision else len(prompt)),
             "completion_tokens": final.generation.tokens if final is not None else None,
+            "constrained": int(served.constraint is not None),
         }
         if plan.shadow and pin is None:
             self._shadow(served, plan, request_id, prompt, limit, received, sticky_key)
@@ -402,7 +425,7 @@ class Service:
 
         async def run(version: str | None) -> Answer:
             key = (plan.advisor, version) if version else None
-            return await asyncio.wrap_future(served.worker.submit(key, prompt, limit))
+            return await asyncio.wrap_future(served.worker.submit(key, prompt, limit, served.processor()))
 
         out, why = _Outcome(), None
         try:
@@ -426,7 +449,7 @@ class Service:
                 received: str, sticky_key: str | None) -> None:
         """The shadow version answers too, off the request path; only its row is kept."""
         t0 = time.perf_counter()
-        fut = served.worker.submit((plan.advisor, plan.shadow), prompt, limit)
+        fut = served.worker.submit((plan.advisor, plan.shadow), prompt, limit, served.processor())
 
         def done(f):
             row = {"request_id": f"{request_id}:shadow", "received_at": received, "advisor": plan.advisor,
@@ -434,6 +457,7 @@ class Service:
                    "served_version": None, "base_model": served.worker.name,
                    "base_fingerprint": served.worker.fingerprint, "routing_id": plan.routing_id,
                    "sticky_key": sticky_key, "shadow_of": request_id,
+                   "constrained": int(served.constraint is not None),
                    "latency_ms": (time.perf_counter() - t0) * 1000}
             try:
                 a = f.result()
