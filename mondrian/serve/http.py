@@ -1,5 +1,5 @@
 """The service's HTTP routes: module-level FastAPI handlers that get the `Service` through
-dependency injection (`get_service` reads `app.state.service`, which `service.create_app` sets).
+dependency injection (`get_service` reads `app.state.service`, which `app.create_app` sets).
 
 Public routes (`router`): `GET /health`, `GET /v1/models`, `POST /v1/advisors/{advisor}/analyze`
 (JSON or a multipart form with an image), `POST /v1/chat/completions` (OpenAI-compatible,
@@ -16,13 +16,14 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mondrian.serve.errors import ServiceError
+from mondrian.serve.service import Service
 from mondrian.serve.uploads import data_url_bytes, read_analyze_form
 
 ANALYZE_FIELDS = ("max_tokens", "text", "user", "version")
@@ -45,38 +46,12 @@ async def validation_error_handler(_request: Request, exc: RequestValidationErro
         f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in exc.errors()[:5]))
 
 
-class AdvisorService(Protocol):
-    """What the routes use of `mondrian.serve.service.Service` (that module builds the app
-    from this one, so it cannot be imported here)."""
-
-    cfg: Any  # ServiceConfig: max_body_bytes, admin_token
-    served: dict[str, Any]  # advisor -> Served (.worker.name)
-    workers: dict[str, Any]  # fingerprint -> worker (.name)
-    registry: Any  # Registry (.list)
-
-    async def answer(self, advisor: str, text: str | None, *, user: str | None = None,
-                     endpoint: str = "analyze", pin: str | None = None, max_tokens: int | None = None,
-                     image: bytes | None = None) -> dict: ...
-
-    def state(self) -> dict: ...
-
-    def serving(self, advisor: str) -> Any: ...
-
-    def load_version(self, advisor: str, ref: str) -> str: ...
-
-    def activate(self, advisor: str, ref: str, alias: str = "production") -> dict: ...
-
-    def rollback(self, advisor: str, alias: str = "production") -> dict: ...
-
-    def reload(self) -> dict: ...
-
-
-def get_service(request: Request) -> AdvisorService:
+def get_service(request: Request) -> Service:
     """The service this app serves (`create_app` stores it in `app.state`)."""
     return request.app.state.service
 
 
-ServiceDep = Annotated[AdvisorService, Depends(get_service)]
+ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -103,7 +78,7 @@ router = APIRouter()
 admin_router = APIRouter(dependencies=[Depends(require_admin)])
 
 
-async def read_json(request: Request, service: AdvisorService) -> dict:
+async def read_json(request: Request, service: Service) -> dict:
     """The body as a JSON object (a streamed body over the limit is refused too)."""
     body = await request.body()
     limit = service.cfg.max_body_bytes

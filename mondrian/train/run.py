@@ -2,7 +2,7 @@
 
 The data decides the trainer: rows with "images" are mlx-vlm rows (mondrian/train/vision.py),
 anything else is text (mondrian/train/text.py). Both write the same adapter folder
-(mondrian/core/adapters.py, mondrian/core/adapters.py) through the same loop (mondrian/train/loop.py).
+(mondrian/core/adapters.py) through the same loop (mondrian/train/loop.py).
 """
 
 from __future__ import annotations
