@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADV = "fit-query"
 TOKEN = "bench-token"
 sys.path.insert(0, str(ROOT))  # tests.helpers: the adapter writer and the server process the tests use
+from mondrian.core.contracts import get_advisor  # noqa: E402
 from tests.helpers import ServeProcess, write_random_adapter  # noqa: E402
 
 TARGETS = {"swap_ratio_min": 100.0, "throughput_ratio_min": 0.8, "recording_ratio_max": 1.02}
@@ -292,7 +293,7 @@ def baseline_pass(model, tok, prompts: list[list[int]], max_tokens: int, batch: 
             "tokens_no_stop": sum(len(ids) for ids in r.token_ids), "texts": list(r.texts)}
 
 
-def bench_throughput(card, spec: str, reg_root: Path, tmp: Path, questions: list[str], system: str, *,
+def bench_throughput(card, spec: str, reg_root: Path, tmp: Path, questions: list[str], *,
                      max_tokens: int, max_batch: int, concurrency: int, rounds: int, diagnostics: bool) -> dict:
     import mlx.core as mx
     from mlx_lm import load
@@ -308,8 +309,7 @@ def bench_throughput(card, spec: str, reg_root: Path, tmp: Path, questions: list
                     "--unconstrained")  # the peer decodes freely: like for like
     users = even_users(len(questions))
     model, tok = load(str(card.path), adapter_path=str(reg_root / ADV / "v1"))
-    prompts = [chat_prompt(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}])
-               for q in questions]
+    prompts = [chat_prompt(tok, get_advisor(ADV).messages(q)) for q in questions]
 
     def set_arms(arms):
         rid = server.call("GET", "/admin/state", token=True)["advisors"][ADV]["routing_id"]
@@ -500,12 +500,10 @@ def main() -> None:
     max_tokens = args.max_tokens or (16 if q else 32)
     parts = set(args.parts.split(","))
 
-    from mondrian.core.contracts import get_advisor
     from mondrian.demo.questions import generate
     from mondrian.models.sources import resolve
 
     card = resolve(args.model)
-    system = get_advisor(ADV).system_prompt
     questions = [e.question for e in generate(n_prompts, seed=7)]
     info = machine()
     print(f"{info['machine']}, load average {info['loadavg_at_start'][0]:.2f}; model {card.name}", flush=True)
@@ -518,13 +516,13 @@ def main() -> None:
         reg_root, results["adapters"] = make_registry(card, args.model, tmp, args.adapter)
         if "swap" in parts:
             t = time.perf_counter()
-            msgs = [{"role": "system", "content": system}, {"role": "user", "content": questions[0]}]
+            msgs = get_advisor(ADV).messages(questions[0])
             results["swap"] = bench_swap(card, reg_root, msgs, rounds=3 if q else 5, swaps_per_round=10 if q else 20)
             print(f"swap done in {time.perf_counter() - t:.0f} s", flush=True)
         if "throughput" in parts:
             t = time.perf_counter()
             results["throughput"] = bench_throughput(
-                card, args.model, reg_root, tmp, questions, system, max_tokens=max_tokens, max_batch=args.max_batch,
+                card, args.model, reg_root, tmp, questions, max_tokens=max_tokens, max_batch=args.max_batch,
                 concurrency=args.concurrency, rounds=1 if q else 2, diagnostics=True)
             print(f"throughput done in {time.perf_counter() - t:.0f} s", flush=True)
         if "recording" in parts:

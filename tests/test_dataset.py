@@ -481,3 +481,21 @@ def test_image_rows_need_a_data_root_and_the_same_bytes(tmp_path, image_setup, c
     assert {k: v["job_ids"] for k, v in report.manifest["dropped"].items()} == {
         "image_changed": ["changed"], "image_missing": ["gone"],
         "image_outside_data_root": ["escape"]}
+
+
+# --- the one prompt builder -------------------------------------------------------------------
+
+
+def test_training_rows_ask_exactly_what_the_service_asks(text_built, fitq: Advisor, critic: Advisor):
+    """Every row's prompt is `Advisor.messages` of its input (the builder the service and
+    evaluation use), with the answer appended; images come first, then any text."""
+    out, _ = text_built
+    for line in (out / "train.jsonl").read_text().splitlines()[:50]:
+        msgs = json.loads(line)["messages"]
+        assert msgs[:-1] == fitq.messages(msgs[1]["content"]) and msgs[-1]["role"] == "assistant"
+    assert critic.messages(None, image=True)[1]["content"] == [{"type": "image"}]
+    assert critic.messages("  ", image=True)[1]["content"] == [{"type": "image"}]
+    assert critic.messages("why?", image=True)[1]["content"] == [{"type": "image"},
+                                                                {"type": "text", "text": "why?"}]
+    assert fitq.messages("wind in kent") == [{"role": "system", "content": fitq.system_prompt},
+                                             {"role": "user", "content": "wind in kent"}]

@@ -79,6 +79,16 @@ class Advisor:
         """The exact text an advisor is trained to write for `obj`."""
         return json.dumps(self.normalize(obj), ensure_ascii=False, separators=(",", ":"))
 
+    def messages(self, text: str | None = None, image: bool = False) -> list[dict]:
+        """The chat the advisor's model answers: its system prompt, then the user's input (an
+        image first, then any text). The one prompt builder: dataset rows (which add the
+        answer), evaluation and the service all build the prompt here, so a model is asked
+        in serving exactly as it was taught."""
+        text = text if text and text.strip() else None
+        user = ([{"type": "image"}] + ([{"type": "text", "text": text}] if text else [])
+                if image else text or "")
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
+
 
 def canonical(value):
     """Whole floats as ints, recursively: 100.0 and 100 are the same answer."""

@@ -40,7 +40,7 @@ class _Input:
     """A usable manifest row's user side: its leakage group and the JSONL fields it adds."""
 
     group: str
-    user: Any  # the user message content
+    text: str | None  # the user's text (None: an image alone)
     record: dict[str, Any]  # fields before "messages" ({"images": [...]} for image rows)
     image_src: Path | None = None
     image_name: str | None = None
@@ -80,9 +80,7 @@ def _image_input(inp: dict[str, Any], text: str | None, data_root: Path,
     if inp.get("image_sha256") not in (None, group):
         return "image_changed"  # the file is no longer what the job saw
     name = f"{group}{src.suffix.lower() or '.png'}"
-    # Explicit parts, image first: see mondrian.dataset.build's docstring.
-    user = [{"type": "image"}] + ([{"type": "text", "text": text}] if text else [])
-    return _Input(group, user, {"images": [f"{IMAGES}/{name}"]}, src, name)
+    return _Input(group, text, {"images": [f"{IMAGES}/{name}"]}, src, name)
 
 
 def _input_of(m: dict[str, Any], advisor: Advisor, data_root: Path | None,
@@ -136,9 +134,9 @@ def collect_rows(manifest: list[dict[str, Any]], advisor: Advisor, data_root: Pa
         if m.get("group") not in (None, got.group):
             group_mismatch += 1  # we use our own; counted so an upstream bug is visible
         seen.add(job_id)
+        # explicit parts for images, image first: see mondrian.dataset.build's docstring
         record = {**got.record, "messages": [
-            {"role": "system", "content": advisor.system_prompt},
-            {"role": "user", "content": got.user},
+            *advisor.messages(got.text, image=advisor.input_kind == "image"),
             {"role": "assistant", "content": advisor.render(m["output"])},
         ]}
         rows.append(Row(job_id, got.group, split_of(got.group, ratios, salt), m["output"],

@@ -84,10 +84,9 @@ def _base_card(base_model: str | None, adapter_cfg: dict) -> tuple[str, ModelCar
         raise EvalError(str(exc)) from exc
 
 
-def _case_messages(advisor: Advisor, rows: list[EvalRow]) -> list[list[dict]]:
-    """Each critical case as a chat: the dataset's system prompt, then the case's input."""
-    system = next((m for m in rows[0].messages if m.get("role") == "system"), None)
-    return [([system] if system else []) + [{"role": "user", "content": c.input}] for c in advisor.cases]
+def _case_messages(advisor: Advisor) -> list[list[dict]]:
+    """Each critical case as the chat the advisor's model answers (`Advisor.messages`)."""
+    return [advisor.messages(c.input) for c in advisor.cases]
 
 
 def _answer_arms(model: Any, tokenizer: Any, prompts: list[str], plan: list[str], *,
@@ -123,7 +122,7 @@ def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor,
 
     model, tokenizer = load(card.path, adapter_path=str(adapter) if adapter else None)
     prompts = [chat_prompt(tokenizer, r.messages) for r in rows]
-    prompts += [chat_prompt(tokenizer, m) for m in _case_messages(advisor, rows)]
+    prompts += [chat_prompt(tokenizer, m) for m in _case_messages(advisor)]
     plan = [BASE] + ([ADAPTER] if adapter else [])
     constraint = None
     if constrained:

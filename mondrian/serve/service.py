@@ -408,11 +408,10 @@ class Service:
 
     def _prompt(self, served: Served, text: str, image: bytes | None) -> list[int] | VisionRequest:
         """The prompt the worker decodes: the advisor's system prompt and the user's input."""
-        worker, system = served.worker, {"role": "system", "content": served.advisor.system_prompt}
-        if isinstance(worker, VisionWorker):  # image first, then any text: how dataset/build.py writes rows
-            parts = [{"type": "image"}] + ([{"type": "text", "text": text}] if text.strip() else [])
-            return VisionRequest(worker.vision_prompt([system, {"role": "user", "content": parts}]), image)
-        prompt = worker.prompt_tokens([system, {"role": "user", "content": text}])
+        worker = served.worker
+        if isinstance(worker, VisionWorker):
+            return VisionRequest(worker.vision_prompt(served.advisor.messages(text, image=True)), image)
+        prompt = worker.prompt_tokens(served.advisor.messages(text))
         if len(prompt) > self.cfg.max_prompt_tokens:
             raise ServiceError(413, f"the prompt is {len(prompt)} tokens; the limit is {self.cfg.max_prompt_tokens}")
         return prompt
