@@ -292,13 +292,17 @@ class _MaskProcessor:
         self.words = np.zeros((1, (self.vocab + 31) // 32), dtype=np.int32)
         self.failed: str | None = None
 
+    def _grammar_mask(self, words: np.ndarray) -> np.ndarray:
+        """The tokens the matcher allows next, as a bool vector over the vocabulary."""
+        lnp.fill_next_token_bitmask(self.matcher, words, 0)
+        return np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)[: self.vocab]
+
     def _allowed(self, width: int):
         if self.matcher.is_error():
             allowed = np.zeros(width, dtype=bool)
             allowed[[e for e in self.eos if e < width]] = True  # end the answer; the contract check will fail it
             return allowed
-        lnp.fill_next_token_bitmask(self.matcher, self.words, 0)
-        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little").astype(bool)[: self.vocab]
+        bits = self._grammar_mask(self.words)
         if width > bits.size:  # the model's output layer can be wider than the tokenizer
             bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=bool)])
         bits = bits[:width]
@@ -332,9 +336,7 @@ class _MaskProcessor:
         if not self.matcher.consume_token(token):
             return False
         try:
-            words = np.zeros_like(self.words)
-            lnp.fill_next_token_bitmask(self.matcher, words, 0)
-            nxt = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)[: self.vocab]
+            nxt = self._grammar_mask(np.zeros_like(self.words))
             return not (nxt & self.c.plain[: nxt.size]).any()
         finally:
             self.matcher.rollback(1)
