@@ -178,14 +178,15 @@ def test_text_rows_load_with_mlx_lm(text_built, fitq, tiny_llama):
 
     out, report = text_built
     assert sorted(p.name for p in out.iterdir()) == [
-        "dataset_stats.json", "dataset_stats.md", "index.jsonl", "test.jsonl", "train.jsonl",
-        "valid.jsonl"]
+        "dataset_stats.json", "dataset_stats.md", "index.jsonl", "retrieval_index.json",
+        "test.jsonl", "train.jsonl", "valid.jsonl"]
     row = read_split(out, "train")[0]
     assert list(row) == ["messages"]
-    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+    # fit-query retrieves 4 solved examples (earlier turns) before the question
+    assert [m["role"] for m in row["messages"]] == ["system"] + ["user", "assistant"] * 5
     assert row["messages"][0]["content"] == fitq.system_prompt
-    answer = json.loads(row["messages"][2]["content"])
-    assert fitq.violations(answer) == [] and fitq.render(answer) == row["messages"][2]["content"]
+    answer = json.loads(row["messages"][-1]["content"])
+    assert fitq.violations(answer) == [] and fitq.render(answer) == row["messages"][-1]["content"]
 
     tokenizer = load_tokenizer(Path(tiny_llama.path))
     args = SimpleNamespace(data=str(out), train=True, test=True, hf_dataset=None,
@@ -196,7 +197,7 @@ def test_text_rows_load_with_mlx_lm(text_built, fitq, tiny_llama):
     train = CacheDataset(splits[0])
     tokens, offset = train[0]
     assert 0 < offset < len(tokens)
-    assert tokenizer.decode(tokens[offset:]).startswith(row["messages"][2]["content"])
+    assert tokenizer.decode(tokens[offset:]).startswith(row["messages"][-1]["content"])
     # Our token statistics are what mlx-lm itself computes for the same rows.
     lengths = sorted(len(train[i][0]) for i in range(len(train)))
     t = report.tokens["train"]["total"]
@@ -337,15 +338,18 @@ def test_leakage_check_fails_on_a_crafted_leak(text_built, tmp_path):
     out = tmp_path / "leaky"
     shutil.copytree(src, out)
     row = read_split(out, "train")[0]
-    question = row["messages"][1]["content"]
-    row["messages"][1]["content"] = "  " + question.upper().replace(" ", "  \t") + " "
+    question = row["messages"][-2]["content"]
+    row["messages"][-2]["content"] = "  " + question.upper().replace(" ", "  \t") + " "
     with open(out / "test.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     leak = check_leakage(out)
     assert not leak.ok
     assert [g.key for g in leak.leaked] == [normalize_text(question)]
-    train_n = sum(normalize_text(r["messages"][1]["content"]) == normalize_text(question)
+    train_n = sum(normalize_text(r["messages"][-2]["content"]) == normalize_text(question)
                   for r in read_split(out, "train"))
+    # the retrieval index counts as train: its example of this question is one more
+    indexed = json.loads((out / "retrieval_index.json").read_text())["examples"]
+    train_n += sum(normalize_text(e["input"]) == normalize_text(question) for e in indexed)
     assert leak.leaked[0].splits == {"train": train_n, "test": 1}
     assert "1 group(s) in more than one split" in leak.summary()
 
@@ -487,12 +491,19 @@ def test_image_rows_need_a_data_root_and_the_same_bytes(tmp_path, image_setup, c
 
 
 def test_training_rows_ask_exactly_what_the_service_asks(text_built, fitq: Advisor, critic: Advisor):
-    """Every row's prompt is `Advisor.messages` of its input (the builder the service and
-    evaluation use), with the answer appended; images come first, then any text."""
+    """Every row's prompt is `prompt_messages` of its input with the dataset's index (the
+    builder the service and evaluation use), excluding the row's own group, with the answer
+    appended; images come first, then any text."""
+    from mondrian.core.retrieval import RetrievalIndex, prompt_messages
+    from mondrian.link.linker import text_group
+
     out, _ = text_built
+    index = RetrievalIndex.load(out / "retrieval_index.json")
     for line in (out / "train.jsonl").read_text().splitlines()[:50]:
         msgs = json.loads(line)["messages"]
-        assert msgs[:-1] == fitq.messages(msgs[1]["content"]) and msgs[-1]["role"] == "assistant"
+        question = msgs[-2]["content"]
+        built, _ = prompt_messages(fitq, question, index, exclude_group=text_group(question))
+        assert msgs[:-1] == built and msgs[-1]["role"] == "assistant"
     assert critic.messages(None, image=True)[1]["content"] == [{"type": "image"}]
     assert critic.messages("  ", image=True)[1]["content"] == [{"type": "image"}]
     assert critic.messages("why?", image=True)[1]["content"] == [{"type": "image"},

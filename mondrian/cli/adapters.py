@@ -175,6 +175,31 @@ def adapters_verify(advisor: str, ref: str | None, root: str | None, as_json: bo
         sys.exit(1)
 
 
+@adapters.command("reindex")
+@click.argument("advisor")
+@click.argument("ref")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder whose retrieval_index.json to use (rebuilt by `mondrian dataset` "
+                   "after new jobs were linked).")
+@click.option("--alias", "alias", help="Point this alias (e.g. production) at the new version.")
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def adapters_reindex(advisor: str, ref: str, data_dir: str, alias: str | None, root: str | None,
+                     as_json: bool) -> None:
+    """Publish REF's weights with the dataset's newer retrieval index: newly linked jobs are
+    answered from at serve time, without retraining."""
+    reg = Registry(root)
+    version = registry_call(reg.reindex, advisor, ref, Path(data_dir) / "retrieval_index.json")
+    if alias:
+        registry_call(reg.set_alias, advisor, alias, version.version)
+    if as_json:
+        echo_json(version.to_dict())
+        return
+    card = version.card
+    click.echo(f"{advisor} {version.version}: {card.parent}'s weights with index "
+               f"{card.retrieval_index[:12]}" + (f"; {alias} -> {version.version}" if alias else ""))
+
+
 @adapters.command("alias")
 @click.argument("advisor")
 @click.argument("alias", required=False)

@@ -49,6 +49,9 @@ def _adapter_config(path: Path | None) -> dict:
               help="Dataset folder [the adapter's data].")
 @click.option("--advisor", help="Advisor [the adapter's].")
 @click.option("--split", default="test", show_default=True)
+@click.option("--questions", type=click.Path(dir_okay=False, exists=True),
+              help="Answer this JSONL of {input, expected} (e.g. the hand-written set) instead of "
+                   "a split; prompts carry the adapter's retrieved examples, as served.")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N rows.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1))
@@ -56,6 +59,8 @@ def _adapter_config(path: Path | None) -> dict:
               help="Also run the arms decoded under the contract's JSON-Schema grammar (lists "
                    "unique, capped at the longest in the training split); --unconstrained runs "
                    "only free decoding.")
+@click.option("--arms", default="", metavar="ARM,...",
+              help="Run only these arms (base, adapter, base_constrained, adapter_constrained) [all].")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False),
               help="Runs database [the data's workspace].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -64,8 +69,8 @@ def _adapter_config(path: Path | None) -> dict:
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None,
-             advisor: str | None, split: str, limit: int | None, batch_size: int,
-             max_tokens: int, constrained: bool, db_path: str | None, out_dir: str | None,
+             advisor: str | None, split: str, questions: str | None, limit: int | None, batch_size: int,
+             max_tokens: int, constrained: bool, arms: str, db_path: str | None, out_dir: str | None,
              root: str | None, no_progress: bool, as_json: bool) -> None:
     """Base vs adapter on the same rows: compliance, exact match, fields, paired statistics."""
     path, model_spec, advisor = _resolve_adapter(adapter, model_spec, advisor, root)
@@ -77,7 +82,8 @@ def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None,
     try:
         report = evaluate(model_spec, path, data_dir, get_advisor(advisor), split=split,
                           limit=limit, batch_size=batch_size, max_tokens=max_tokens, db=db_path,
-                          out_dir=out_dir, constrained=constrained,
+                          out_dir=out_dir, constrained=constrained, questions=questions,
+                          arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
                           progress=not (no_progress or as_json))
     except (EvalError, GenerationError, ConfigError) as exc:
         fail(exc)

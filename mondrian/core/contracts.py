@@ -3,7 +3,8 @@
 The shipped advisors live in `mondrian/advisors/*.yaml`; a user adds one by dropping a
 YAML file of the same shape into a workspace's advisors folder: no code needed. An optional
 `cases` list gives the advisor's critical cases (an input and the output fields it must get
-exactly right), which every evaluation runs.
+exactly right), which every evaluation runs. An optional `retrieval: {k: N}` makes its prompts
+carry the N nearest solved training examples (`mondrian.core.retrieval`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Retrieval:
+    """The advisor YAML's `retrieval:` block: how many solved examples each prompt shows."""
+
+    k: int = 4
+
+
+@dataclass(frozen=True)
 class Advisor:
     name: str
     input_kind: str
@@ -49,6 +57,9 @@ class Advisor:
     schema: dict
     source: str = ""
     cases: tuple[Case, ...] = ()  # evaluation only: not part of the fingerprint
+    # How prompts are built, not what an answer is: not part of the fingerprint either (the
+    # index a version uses travels with the version, see mondrian.core.retrieval).
+    retrieval: Retrieval | None = None
     _validator: jsonschema.protocols.Validator = field(default=None, repr=False, compare=False)
 
     @property
@@ -79,15 +90,19 @@ class Advisor:
         """The exact text an advisor is trained to write for `obj`."""
         return json.dumps(self.normalize(obj), ensure_ascii=False, separators=(",", ":"))
 
-    def messages(self, text: str | None = None, image: bool = False) -> list[dict]:
-        """The chat the advisor's model answers: its system prompt, then the user's input (an
-        image first, then any text). The one prompt builder: dataset rows (which add the
-        answer), evaluation and the service all build the prompt here, so a model is asked
-        in serving exactly as it was taught."""
+    def messages(self, text: str | None = None, image: bool = False,
+                 examples: list[tuple[str, str]] = ()) -> list[dict]:
+        """The chat the advisor's model answers: its system prompt, any solved `examples`
+        (input, answer) as earlier turns, then the user's input (an image first, then any
+        text). Dataset rows (which add the answer), evaluation and the service all reach it
+        through `mondrian.core.retrieval.prompt_messages`, so a model is asked in serving
+        exactly as it was taught."""
         text = text if text and text.strip() else None
         user = ([{"type": "image"}] + ([{"type": "text", "text": text}] if text else [])
                 if image else text or "")
-        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
+        shots = [m for q, a in examples for m in ({"role": "user", "content": q},
+                                                  {"role": "assistant", "content": a})]
+        return [{"role": "system", "content": self.system_prompt}, *shots, {"role": "user", "content": user}]
 
 
 def canonical(value):
@@ -167,7 +182,7 @@ def load_advisor(path: str | Path) -> Advisor:
     path = Path(path)
     data = load_yaml(path)
     required = {"name", "input_kind", "system_prompt", "schema"}
-    known = required | {"cases"}
+    known = required | {"cases", "retrieval"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -187,7 +202,22 @@ def load_advisor(path: str | Path) -> Advisor:
     cases = _load_cases(path, data.get("cases", []), schema, cls)
     return Advisor(name=str(data["name"]), input_kind=data["input_kind"],
                    system_prompt=str(data["system_prompt"]).strip(), schema=schema, source=str(path),
-                   cases=cases, _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+                   cases=cases, retrieval=_load_retrieval(path, data),
+                   _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+
+
+def _load_retrieval(path: Path, data: dict) -> Retrieval | None:
+    if data.get("retrieval") is None:
+        return None
+    where = f"{path}: retrieval"
+    if data["input_kind"] != "text":
+        raise ConfigError(f"{where}: only text advisors retrieve examples (this one takes {data['input_kind']})")
+    if not isinstance(data["retrieval"], dict):
+        raise ConfigError(f"{where} must be a mapping such as {{k: 4}}")
+    got = from_dict(Retrieval, data["retrieval"], where)
+    if isinstance(got.k, bool) or not isinstance(got.k, int) or not 1 <= got.k <= 32:
+        raise ConfigError(f"{where}: k must be an integer in 1..32, got {got.k!r}")
+    return got
 
 
 def load_advisors(extra_dirs: list[str | Path] = ()) -> dict[str, Advisor]:

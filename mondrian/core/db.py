@@ -231,6 +231,8 @@ REQUEST_COLUMNS: dict[str, tuple[str, bool, str]] = {
     "prompt_tokens": ("INTEGER", False, "prompt tokens"),
     "completion_tokens": ("INTEGER", False, "completion tokens"),
     "constrained": ("INTEGER", False, "1/0: decoded under the advisor's JSON-Schema grammar"),
+    "examples": ("TEXT", False, "JSON list of the job ids of the retrieved examples the answering "
+                                "version's prompt showed; NULL = no retrieval"),
 }
 # The arm of requests whose client named advisor@version: outside the routed split.
 PINNED_ARM = "pinned"

@@ -25,6 +25,9 @@ Output folder (written under a temp sibling name, then renamed into place):
 - `images/<sha256><ext>`: every image, hard-linked (copied across file systems), so the
   folder is self-contained. A hard link shares the source's bytes: edit photos by writing
   new files, never in place (the `image_sha256` check catches a changed source next build).
+- `retrieval_index.json` (advisors with `retrieval:`): the train split's solved examples that
+  every row's prompt draws its k nearest from (`mondrian.dataset.examples`,
+  `mondrian.core.retrieval`); training copies it into the adapter folder.
 - `index.jsonl`: split, line, job_id and group of every row (links eval results to jobs).
 - `dataset_stats.json` / `dataset_stats.md`: counts, upstream rejections, token lengths,
   truncation, output field distributions, the leakage check and fingerprints.
@@ -59,6 +62,8 @@ from typing import Any
 from mondrian.core.atomic import atomic_folder
 from mondrian.core.contracts import Advisor
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
+from mondrian.core.retrieval import INDEX_FILE
+from mondrian.dataset.examples import add_examples, build_index
 from mondrian.dataset.leakage import LeakageReport, check_leakage
 from mondrian.dataset.report import FORMAT, DatasetReport, render_markdown
 from mondrian.dataset.rows import IMAGES, DatasetError, Row, collect_rows, read_manifest
@@ -192,15 +197,24 @@ def build_dataset(
     manifest_path, root, target = _checked_paths(manifest_dir, advisor, out_dir, data_root)
     rows, info = collect_rows(read_manifest(manifest_path), advisor, root, r, salt)
     by_split, warnings = _by_split(rows, info, advisor, manifest_path, r)
+    index = build_index(advisor, by_split["train"]) if advisor.retrieval else None
+    if index is not None:
+        add_examples(advisor, rows, index)
 
     with atomic_folder(target) as tmp:
         images = _write_rows(tmp, rows, by_split)
+        retrieval = None
+        if index is not None:
+            retrieval = {"k": index.k, "method": index.method, "examples": len(index.examples),
+                         "file": INDEX_FILE, "fingerprint": index.save(tmp / INDEX_FILE)}
         leakage = check_leakage(tmp)
         if not leakage.ok:
             raise LeakageError(leakage)
         tokens, truncated = token_stats(by_split, tokenizer_path, max_seq_length,
                                         advisor.input_kind == "image")
         files = {f"{s}.jsonl": file_sha256(tmp / f"{s}.jsonl") for s in SPLITS}
+        if retrieval:
+            files[INDEX_FILE] = retrieval["fingerprint"]
         fingerprints = {**files, INDEX: file_sha256(tmp / INDEX),
                         "manifest.jsonl": file_sha256(manifest_path)}
         if images:
@@ -214,7 +228,8 @@ def build_dataset(
             fields_by_split={s: field_stats(advisor, [row.output for row in by_split[s]])
                              for s in SPLITS},
             leakage=leakage, fingerprints=fingerprints,
-            fingerprint=folder_fingerprint({**files, **images}), warnings=warnings)
+            fingerprint=folder_fingerprint({**files, **images}), warnings=warnings,
+            retrieval=retrieval)
         stats = report.to_dict()
         stats.pop("seconds")  # the files stay byte-identical from run to run
         (tmp / STATS_JSON).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")

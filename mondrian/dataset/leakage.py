@@ -1,7 +1,9 @@
 """The leakage check: no group (same normalized question, same image bytes) in two splits.
 
 `check_leakage` reads the written split files only: nothing from the manifest is trusted, so a
-buggy splitter or a hand-edited folder is caught the same way.
+buggy splitter or a hand-edited folder is caught the same way. A row is keyed by its question
+(the last user turn: earlier turns are retrieved examples). The retrieval index counts as the
+train split: an index example whose input is a valid or test question is a leak too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mondrian.core.fingerprint import file_sha256
+from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
 from mondrian.dataset.splits import SPLITS
 from mondrian.link.linker import normalize_text  # one definition of "the same input"
 
@@ -36,6 +39,7 @@ class LeakageReport:
     groups: dict[str, int]  # distinct groups per split
     leaked: list[LeakedGroup] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # rows the check could not key
+    index_examples: int | None = None  # examples in the retrieval index (None: no index)
 
     @property
     def ok(self) -> bool:
@@ -57,21 +61,34 @@ class LeakageReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "key": self.key, "rows": dict(self.rows),
                 "groups": dict(self.groups), "leaked": [g.to_dict() for g in self.leaked],
-                "problems": list(self.problems)}
+                "problems": list(self.problems), "index_examples": self.index_examples}
 
 
 def _user_text(messages: list[dict[str, Any]]) -> str:
-    texts = []
-    for m in messages:
-        if m.get("role") != "user":
-            continue
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts.extend(p.get("text") or "" for p in content
-                         if isinstance(p, dict) and p.get("type") == "text")
-    return " ".join(texts)
+    """The question: the last user turn's text (earlier user turns are retrieved examples)."""
+    users = [m for m in messages if m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _index_keys(out: Path, where: dict[str, Counter[str]], problems: list[str]) -> int | None:
+    """Count the retrieval index's inputs as train keys; the number of examples (None: no index)."""
+    if not (out / INDEX_FILE).exists():
+        return None
+    try:
+        index = RetrievalIndex.load(out / INDEX_FILE)
+    except RetrievalError as exc:
+        problems.append(str(exc))
+        return 0
+    for example in index.examples:
+        key = normalize_text(example.input)
+        if key:
+            where.setdefault(key, Counter())["train"] += 1
+    return len(index.examples)
 
 
 def check_leakage(out_dir: str | os.PathLike[str]) -> LeakageReport:
@@ -126,8 +143,9 @@ def check_leakage(out_dir: str | os.PathLike[str]) -> LeakageReport:
                         problems.append(f"{split}.jsonl:{line_no}: no user text")
                 for k in keys:
                     where.setdefault(k, Counter())[split] += 1
+    index_examples = _index_keys(out, where, problems)
     groups = {s: sum(1 for c in where.values() if c[s]) for s in SPLITS}
     leaked = [LeakedGroup(k, {s: c[s] for s in SPLITS if c[s]})
               for k, c in sorted(where.items()) if sum(1 for s in SPLITS if c[s]) > 1]
     return LeakageReport(key="+".join(sorted(kinds)) or "none", rows=rows, groups=groups,
-                         leaked=leaked, problems=problems)
+                         leaked=leaked, problems=problems, index_examples=index_examples)

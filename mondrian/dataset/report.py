@@ -31,6 +31,8 @@ class DatasetReport:
     fingerprints: dict[str, str]  # sha256 of each output file and of the manifest
     fingerprint: str  # one sha256 over the split files and images: the dataset's identity
     warnings: list[str] = field(default_factory=list)
+    # the retrieval index (advisors with `retrieval:`): k, method, examples, fingerprint
+    retrieval: dict[str, Any] | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,7 +44,7 @@ class DatasetReport:
             "fields": self.fields, "fields_by_split": self.fields_by_split,
             "leakage": self.leakage.to_dict(), "fingerprints": dict(self.fingerprints),
             "fingerprint": self.fingerprint, "warnings": list(self.warnings),
-            "seconds": self.seconds,
+            "retrieval": self.retrieval, "seconds": self.seconds,
         }
 
 
@@ -53,6 +55,9 @@ def _head_and_splits(r: DatasetReport) -> list[str]:
         f"# Dataset: {r.advisor} ({r.input_kind})", "",
         f"- fingerprint: `{r.fingerprint}`",
         f"- ratios train/valid/test: {'/'.join(f'{x:g}' for x in r.ratios)}, salt `{r.salt}`",
+        (f"- retrieval: k={r.retrieval['k']} nearest of {r.retrieval['examples']} train examples "
+         f"({r.retrieval['method']}), index `{r.retrieval['fingerprint']}`" if r.retrieval
+         else "- retrieval: none (prompts carry no examples)"),
         f"- manifest: {m['rows']} rows, {m['linked']} used, "
         f"{m['rejected_upstream_total']} rejected upstream, "
         f"{sum(d['count'] for d in m['dropped'].values())} dropped here, "

@@ -14,6 +14,7 @@ from typing import Any
 from mondrian.core.contracts import Advisor
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.jsonl import read_jsonl
+from mondrian.core.retrieval import prompt_messages
 from mondrian.dataset.splits import split_of
 from mondrian.link.linker import text_group  # one definition of "the same input"
 
@@ -31,6 +32,7 @@ class Row:
     split: str
     output: dict[str, Any]
     record: dict[str, Any]  # the JSONL row as written
+    text: str | None = None  # the user's text (the retrieval index keys on it)
     image_src: Path | None = None
     image_name: str | None = None
 
@@ -136,11 +138,11 @@ def collect_rows(manifest: list[dict[str, Any]], advisor: Advisor, data_root: Pa
         seen.add(job_id)
         # explicit parts for images, image first: see mondrian.dataset.build's docstring
         record = {**got.record, "messages": [
-            *advisor.messages(got.text, image=advisor.input_kind == "image"),
+            *prompt_messages(advisor, got.text, image=advisor.input_kind == "image")[0],
             {"role": "assistant", "content": advisor.render(m["output"])},
         ]}
         rows.append(Row(job_id, got.group, split_of(got.group, ratios, salt), m["output"],
-                        record, got.image_src, got.image_name))
+                        record, got.text, got.image_src, got.image_name))
     return rows, _outcome(manifest, rows, rejected, other, dropped, group_mismatch)
 
 

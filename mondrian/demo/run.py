@@ -175,7 +175,7 @@ def _ab_traffic(opts: DemoOptions, steps: _Steps, db: Path, data: Path, previous
     service, url = _start_service(opts, db, previous, version.version)
     steps.say(f"      {url}: control={previous or 'base'}, candidate={version.version} "
               "(50/50, sticky by user)")
-    questions = [r["messages"][1]["content"] for _, r in read_jsonl(data / "test.jsonl")]
+    questions = [r["messages"][-2]["content"] for _, r in read_jsonl(data / "test.jsonl")]  # the last user turn
 
     def ask(i: int) -> dict:
         body = json.dumps({"text": questions[i % len(questions)], "user": f"user-{i}"}).encode()

@@ -1,7 +1,10 @@
-"""The rows an evaluation answers: a dataset split's chat rows as (prompt, reference answer).
+"""The rows an evaluation answers, as (prompt, reference answer):
 
-The prompt of a row is its chat messages minus the assistant turn (exactly what training
-masked as the prompt); the reference is the assistant turn parsed as JSON.
+- a dataset split's chat rows (`load_rows`): the prompt is the row's messages minus the
+  assistant turn (exactly what training masked as the prompt, retrieved examples included);
+- a questions file (`load_questions`): JSONL of {"input", "expected"} (optional "id"), such as
+  the hand-written set; each prompt is built by the one prompt builder with the adapter's
+  retrieval index (`mondrian.core.retrieval.prompt_messages`), as the service builds it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from mondrian.core.contracts import Advisor
 from mondrian.core.jsonl import read_jsonl
+from mondrian.core.retrieval import RetrievalIndex, prompt_messages
 from mondrian.evaluate.metrics import EvalError, parse_answer
 
 
@@ -52,6 +56,32 @@ def load_rows(data_dir: str | Path, split: str, advisor: Advisor, limit: int | N
             raise EvalError(f"{path}:{line}: the reference breaks the {advisor.name} contract ({bad[0]})")
         users = [m["content"] for m in msgs[:-1] if m.get("role") == "user"]
         rows.append(EvalRow(len(rows), line, users[-1] if users else "", ref, msgs[:-1], jobs.get(line)))
+    if not rows:
+        raise EvalError(f"{path}: no rows")
+    return rows
+
+
+def load_questions(path: str | Path, advisor: Advisor, index: RetrievalIndex | None,
+                   limit: int | None = None) -> list[EvalRow]:
+    """A questions file's rows, prompts built with `index` (None: no examples)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: no such questions file")
+    rows: list[EvalRow] = []
+    for line, item in read_jsonl(path, EvalError):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not item["input"].strip():
+            raise EvalError(f"{path}:{line}: a question row needs a non-empty string 'input'")
+        ref = item.get("expected")
+        if not isinstance(ref, dict):
+            raise EvalError(f"{path}:{line}: 'expected' must be the answer object")
+        bad = advisor.violations(ref)
+        if bad:
+            raise EvalError(f"{path}:{line}: expected breaks the {advisor.name} contract ({bad[0]})")
+        messages, _ = prompt_messages(advisor, item["input"], index)
+        rows.append(EvalRow(len(rows), line, item["input"], ref, messages,
+                            str(item["id"]) if item.get("id") is not None else None))
     if not rows:
         raise EvalError(f"{path}: no rows")
     return rows

@@ -11,7 +11,11 @@ built from):
 - with `constrained=True`, also `base_constrained` and `adapter_constrained`: the same, with
   llguidance's JSON-Schema mask applied to the logits (see `SchemaConstraint`).
 
-The advisor's critical cases (`cases:` in its YAML, `mondrian.evaluate.cases`) are asked in
+The rows are a dataset split, or a questions file such as the hand-written set. Prompts
+carry retrieved examples exactly as the service builds them: a split's rows as the dataset
+wrote them, questions and the advisor's critical cases (`cases:` in its YAML) through
+`mondrian.core.retrieval.prompt_messages` with the adapter's own index (the dataset's when
+only the base is evaluated; none for an adapter trained without one). They are asked in
 the same batches. Scoring and statistics are `mondrian.evaluate.metrics`; the report files
 are `mondrian.evaluate.report`. The run is recorded in the runs database as kind "eval"
 (config, fingerprints, summary) with per-metric rows at step 0.
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from mondrian.core.adapters import CONFIG, WEIGHTS, AdapterError, read_config
 from mondrian.core.contracts import Advisor
 from mondrian.core.fingerprint import file_sha256
+from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex, prompt_messages
 from mondrian.evaluate.metrics import ABS_TOL, REL_TOL, RESAMPLES, EvalError
 from mondrian.evaluate.report import (
     ADAPTER,
@@ -39,7 +44,7 @@ from mondrian.evaluate.report import (
     evaluate_answers,
     write_report,
 )
-from mondrian.evaluate.rows import EvalRow, load_rows
+from mondrian.evaluate.rows import EvalRow, load_questions, load_rows
 from mondrian.models.constrained import SchemaConstraint, list_caps
 from mondrian.models.generation import AdapterSwitch, chat_prompt, generate_batch
 from mondrian.models.sources import ModelCard, ModelError, resolve
@@ -84,9 +89,21 @@ def _base_card(base_model: str | None, adapter_cfg: dict) -> tuple[str, ModelCar
         raise EvalError(str(exc)) from exc
 
 
-def _case_messages(advisor: Advisor) -> list[list[dict]]:
-    """Each critical case as the chat the advisor's model answers (`Advisor.messages`)."""
-    return [advisor.messages(c.input) for c in advisor.cases]
+def _case_messages(advisor: Advisor, index: RetrievalIndex | None) -> list[list[dict]]:
+    """Each critical case as the chat the advisor's model answers (the one prompt builder)."""
+    return [prompt_messages(advisor, c.input, index)[0] for c in advisor.cases]
+
+
+def _index(adapter: Path | None, data_dir: Path) -> RetrievalIndex | None:
+    """The retrieval index prompts are built with: the adapter's own (trained with it); the
+    dataset's for the base alone; None for an adapter trained without one."""
+    path = (adapter if adapter is not None else data_dir) / INDEX_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RetrievalIndex.load(path)
+    except RetrievalError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def _answer_arms(model: Any, tokenizer: Any, prompts: list[str], plan: list[str], *,
@@ -115,17 +132,32 @@ def _answer_arms(model: Any, tokenizer: Any, prompts: list[str], plan: list[str]
     return gens_by_arm, walls
 
 
+def _index_notes(adapter: Path | None, data_dir: Path, index: RetrievalIndex | None, split_rows: bool) -> list[str]:
+    """Say so when a split's prompts (built by the dataset) used another index than the adapter's."""
+    if adapter is None or not split_rows:
+        return []
+    theirs = data_dir / INDEX_FILE
+    if index is None and theirs.is_file():
+        return [f"the adapter was trained without retrieval, but {data_dir}'s rows carry retrieved examples"]
+    if index is not None and not theirs.is_file():
+        return [f"the adapter was trained with retrieval, but {data_dir}'s rows carry no examples"]
+    if index is not None and file_sha256(theirs) != file_sha256(adapter / INDEX_FILE):
+        return [f"{data_dir}'s retrieval index is not the one the adapter was trained with (rebuilt since)"]
+    return []
+
+
 def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor, rows: list[EvalRow],
-                        data_dir: Path, config: dict, notes: list[str], *, batch_size: int, max_tokens: int,
-                        constrained: bool, seed: int, resamples: int, progress: bool) -> EvalReport:
+                        data_dir: Path, index: RetrievalIndex | None, config: dict, notes: list[str], *,
+                        batch_size: int, max_tokens: int, constrained: bool, seed: int, resamples: int,
+                        progress: bool, only: tuple[str, ...] = ()) -> EvalReport:
     from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
 
     model, tokenizer = load(card.path, adapter_path=str(adapter) if adapter else None)
     prompts = [chat_prompt(tokenizer, r.messages) for r in rows]
-    prompts += [chat_prompt(tokenizer, m) for m in _case_messages(advisor)]
+    prompts += [chat_prompt(tokenizer, m) for m in _case_messages(advisor, index)]
     plan = [BASE] + ([ADAPTER] if adapter else [])
     constraint = None
-    if constrained:
+    if constrained or (only and any(a.endswith(CONSTRAINED_SUFFIX) for a in only)):
         train = data_dir / "train.jsonl"  # lists capped at the longest the training data holds
         caps = list_caps(r.reference for r in load_rows(data_dir, "train", advisor)) if train.is_file() else {}
         constraint = SchemaConstraint(advisor.schema, tokenizer, max_items=caps)
@@ -133,6 +165,11 @@ def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor,
         config["grammar_warnings"] = constraint.warnings
         config["grammar_rewrites"] = constraint.rewrites
         plan += [arm + CONSTRAINED_SUFFIX for arm in list(plan)]
+    if only:
+        unknown = sorted(set(only) - set(plan))
+        if unknown:
+            raise EvalError(f"arm(s) {', '.join(unknown)} cannot run here (arms: {', '.join(plan)})")
+        plan = [arm for arm in plan if arm in only]
     gens, walls = _answer_arms(model, tokenizer, prompts, plan, switch=AdapterSwitch(model) if adapter else None,
                                constraint=constraint, batch_size=batch_size, max_tokens=max_tokens,
                                progress=progress)
@@ -145,8 +182,11 @@ def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor,
 def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: str | Path, advisor: Advisor, *,
              split: str = "test", limit: int | None = None, batch_size: int = 16, max_tokens: int = 256,
              db: str | Path | None = None, out_dir: str | Path | None = None, constrained: bool = False,
-             seed: int = 0, resamples: int = RESAMPLES, progress: bool = False) -> EvalReport:
-    """Base vs adapter on the same rows of `data_dir/<split>.jsonl`; see the module docstring.
+             seed: int = 0, resamples: int = RESAMPLES, progress: bool = False,
+             questions: str | Path | None = None, arms: tuple[str, ...] = ()) -> EvalReport:
+    """Base vs adapter on the same rows of `data_dir/<split>.jsonl` (or of the `questions`
+    file, when given); see the module docstring. `arms` runs only those arms (e.g.
+    ("adapter_constrained",) when the base's numbers are known already).
 
     `base_model` is a model spec (`mondrian.models.sources.resolve`); None takes the adapter's own
     `adapter_config.json` "model". Without an adapter only the base arm runs. `db` defaults to
@@ -159,19 +199,26 @@ def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: 
     data_dir = Path(data_dir)
     if advisor.input_kind != "text":
         raise EvalError(f"advisor {advisor.name}: only text advisors can be evaluated here")
-    rows = load_rows(data_dir, split, advisor, limit)
     adapter, adapter_cfg = (None, {}) if adapter_path is None else _adapter_folder(adapter_path)
+    index = _index(adapter, data_dir)
+    if questions is not None:
+        rows, split = load_questions(questions, advisor, index, limit), f"questions:{Path(questions).name}"
+        rows_file = Path(questions)
+    else:
+        rows, rows_file = load_rows(data_dir, split, advisor, limit), data_dir / f"{split}.jsonl"
     spec, card = _base_card(base_model, adapter_cfg)
     config = {"advisor": advisor.name, "advisor_fingerprint": advisor.fingerprint, "base_model": spec,
               "base_model_path": card.path, "base_model_fingerprint": card.fingerprint,
               "adapter_path": str(adapter.resolve()) if adapter else None,
               "adapter_sha256": file_sha256(adapter / WEIGHTS) if adapter else None,
               "adapter_trained_on": adapter_cfg.get("model"), "data": str(data_dir), "split": split,
-              "rows": len(rows), "limit": limit, "dataset_fingerprint": file_sha256(data_dir / f"{split}.jsonl"),
+              "rows": len(rows), "limit": limit, "dataset_fingerprint": file_sha256(rows_file),
+              "retrieval_index": index.fingerprint if index else None,
               "batch_size": batch_size, "max_tokens": max_tokens, "constrained": constrained,
+              "arms": list(arms) or None,
               "decoding": "greedy", "seed": seed, "resamples": resamples,
               "abs_tol": ABS_TOL, "rel_tol": REL_TOL}
-    notes = []
+    notes = _index_notes(adapter, data_dir, index, questions is None)
     if adapter_cfg.get("model") and Path(adapter_cfg["model"]).resolve() != Path(card.path).resolve():
         notes.append(f"the adapter was trained on {adapter_cfg['model']}, evaluated on {card.path}")
 
@@ -181,9 +228,9 @@ def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: 
     run_id = store.start("eval", advisor.name, config, config["dataset_fingerprint"], spec, card.fingerprint,
                          config["adapter_path"], parent_run_id=_parent_run(adapter) if adapter else None)
     try:
-        report = _generate_and_score(card, adapter, advisor, rows, data_dir, config, notes, batch_size=batch_size,
+        report = _generate_and_score(card, adapter, advisor, rows, data_dir, index, config, notes, batch_size=batch_size,
                                      max_tokens=max_tokens, constrained=constrained, seed=seed,
-                                     resamples=resamples, progress=progress)
+                                     resamples=resamples, progress=progress, only=tuple(arms))
         report.run_id = run_id
         write_report(report, Path(out_dir) if out_dir else store.path.parent / "evals" / run_id)
         store.log(run_id, 0, report.metric_rows())

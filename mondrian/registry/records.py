@@ -51,7 +51,10 @@ class Card:
     files: dict[str, str]  # every file but card.json -> sha256
     parent: str | None
     source: str
-    origin: str = "publish"  # "publish" (a mondrian training run) or "import" (plain mlx_lm lora)
+    # "publish" (a mondrian training run), "import" (plain mlx_lm lora) or "reindex" (the
+    # parent's weights with a newer retrieval index)
+    origin: str = "publish"
+    retrieval_index: str | None = None  # sha256 of the version's retrieval_index.json; None: no retrieval
     card_format: int = CARD_FORMAT
     card_sha256: str = ""  # over the rest of the card: catches a damaged card.json
 

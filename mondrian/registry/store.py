@@ -13,7 +13,9 @@ Layout (the root defaults to ./adapters, or $MONDRIAN_ADAPTERS):
                         reader and removed by the next publish
 
 `mlx_lm generate --model <base> --adapter-path <root>/<advisor>/vN` works on any version:
-mlx-lm reads its two files and ignores card.json.
+mlx-lm reads its two files and ignores card.json. A version trained with retrieval also holds
+the run's retrieval_index.json (its sha256 is the card's `retrieval_index`); `reindex`
+publishes the same weights with a newer index as the next version.
 
 Loaders (eval, the service) call `Registry.resolve`, which verifies every checksum and the
 base-model fingerprint before it returns a folder. This module never imports `lora`: the
@@ -36,6 +38,7 @@ from mondrian.core.adapters import FILES as ADAPTER_FILES
 from mondrian.core.adapters import AdapterError, check_adapter
 from mondrian.core.atomic import fsync_dir, write_text_atomic
 from mondrian.core.fingerprint import file_sha256
+from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
 from mondrian.registry.files import copy_hashed, force_rmtree, rename_noreplace
 from mondrian.registry.records import (
     ADVISOR_RE,
@@ -300,7 +303,7 @@ class Registry:
                             base_model_fingerprint=base_model_fingerprint,
                             dataset_fingerprint=dataset_fingerprint, run_id=run_id, config=config,
                             metrics=metrics, files=files, parent=parent, source=str(src.resolve()),
-                            origin=_origin).to_dict()
+                            origin=_origin, retrieval_index=files.get(INDEX_FILE)).to_dict()
                 data["card_sha256"] = card_digest(data)
                 with open(tmp / CARD, "x") as f:
                     f.write(json.dumps(data, indent=2) + "\n")
@@ -343,6 +346,35 @@ class Registry:
                             base_model_fingerprint=base_model_fingerprint,
                             dataset_fingerprint=dataset_fingerprint, run_id=run_id, config=config,
                             metrics=metrics, parent=parent, _origin="import")
+
+    def reindex(self, advisor: str, ref: str, index_file: str | Path) -> Version:
+        """Publish `ref`'s weights again with a newer retrieval index (e.g. the dataset's after
+        new jobs were linked), as the next version: no retraining. The index must be of the
+        same kind (method, k) as the one the version was trained with; a version trained
+        without retrieval is refused (its prompts never showed examples)."""
+        source = self.show(advisor, ref)
+        path = self.resolve(advisor, source.version)  # every checksum checked first
+        if not (path / INDEX_FILE).is_file():
+            raise RegistryError(f"{advisor} {source.version} was trained without retrieval: an index "
+                                "cannot be added to it (train with the advisor's `retrieval:` instead)")
+        try:
+            old, new = RetrievalIndex.load(path / INDEX_FILE), RetrievalIndex.load(index_file)
+        except RetrievalError as exc:
+            raise RegistryError(str(exc)) from None
+        if (new.method, new.k) != (old.method, old.k):
+            raise RegistryError(f"{index_file}: method {new.method} k={new.k}, but {advisor} {source.version} "
+                                f"was trained with {old.method} k={old.k}")
+        card = source.card
+        assert card is not None  # resolve() verified it
+        with tempfile.TemporaryDirectory(prefix="mondrian-reindex-") as tmp:
+            for name in card.files:
+                if name != INDEX_FILE:
+                    (Path(tmp) / name).write_bytes((path / name).read_bytes())
+            (Path(tmp) / INDEX_FILE).write_bytes(Path(index_file).read_bytes())
+            return self.publish(tmp, advisor, base_model=card.base_model,
+                                base_model_fingerprint=card.base_model_fingerprint,
+                                dataset_fingerprint=card.dataset_fingerprint, run_id=card.run_id,
+                                config=card.config, parent=source.version, _origin="reindex")
 
     @staticmethod
     def _versions_named(state: dict) -> set[str]:

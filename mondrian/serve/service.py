@@ -11,6 +11,10 @@ the advisor; `rollback` does the same for the alias's previous version. The rout
 re-read when it changes (polled), without a restart; a file or version that fails keeps the
 old plan serving and is reported in `/admin/state`.
 
+Prompts are built per version by `mondrian.core.retrieval.prompt_messages`: a version whose
+folder holds a retrieval index (it was trained with one) shows its k nearest examples, the
+base and versions without one show none; the row records which examples the answer saw.
+
 Every routed request's row is committed to the `requests` table before its answer is sent
 (`mondrian.serve.requests_log`, group commit), so an answered request survives a kill -9.
 The service never imports `lora`: the CLI hands it a model resolver.
@@ -30,16 +34,18 @@ from pathlib import Path
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import Advisor, loads_strict
 from mondrian.core.db import create_request_tables
+from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
 from mondrian.models.constrained import SchemaConstraint
 from mondrian.models.generation import GenerationError
 from mondrian.registry.records import RegistryError
 from mondrian.registry.store import Registry
 from mondrian.serve.engine import Answer, EngineError, ModelWorker
 from mondrian.serve.errors import ServiceError
+from mondrian.serve.prompts import Prompts
 from mondrian.serve.requests_log import RequestLog, now_iso, record_routing
 from mondrian.serve.routing import AdvisorRoute, Arm, Plan, ResolvedArm, RoutingConfig, load_routing
 from mondrian.serve.uploads import image_sha256
-from mondrian.serve.vision import VisionRequest, VisionWorker
+from mondrian.serve.vision import VisionWorker
 
 # spec -> (name, folder, fingerprint); given by the CLI (mondrian.models.sources.resolve) or a test
 ModelResolver = Callable[[str], tuple[str, Path, str]]
@@ -96,6 +102,7 @@ class Service:
         self._spec_workers: dict[str, ModelWorker] = {}
         self.served: dict[str, Served] = {}
         self._constraints: dict[tuple[str, str], SchemaConstraint] = {}
+        self._indexes: dict[tuple[str, str], RetrievalIndex | None] = {}  # (advisor, version)
         self.routing = RoutingConfig()
         self.routing_mtime: float | None = None
         self.last_reload: dict = {}
@@ -184,8 +191,12 @@ class Service:
             return
         try:
             path = self.registry.resolve(advisor, version, worker.fingerprint)
+            index = RetrievalIndex.load(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else None
+            if index is not None:
+                index.nearest("warm up")  # fit the similarity now, not on a request
             worker.load(advisor, version, path)
-        except (RegistryError, EngineError) as exc:
+            self._indexes[(advisor, version)] = index
+        except (RegistryError, EngineError, RetrievalError) as exc:
             raise ServiceError(409, f"refused {advisor} {version}: {exc}") from None
         self._event("loaded", advisor=advisor, version=version)
 
@@ -346,10 +357,12 @@ class Service:
         raw_key = {"user": user, "image": image_key}.get(plan.sticky)
         sticky_key = hashlib.sha256(raw_key.encode()).hexdigest() if raw_key and plan.sticky == "user" else raw_key
         arm = await self._arm(served, pin, raw_key)
-        prompt = self._prompt(served, text, image)
+        prompts = Prompts(served.advisor, served.worker, text, image, self.cfg.max_prompt_tokens,
+                          lambda version: self.index(advisor, version))
+        prompts.get(arm.version)  # a prompt over the limit is the client's 413, before any decoding
         limit = max_tokens or plan.max_tokens
         request_id = f"req-{uuid.uuid4().hex}"
-        out = await self._decode(served, arm, prompt, limit, may_fall_back=pin is None)
+        out = await self._decode(served, arm, prompts, limit, may_fall_back=pin is None)
         ans, final = out.first, out.final
         latency_ms = (time.perf_counter() - t0) * 1000
         row = {
@@ -361,12 +374,13 @@ class Service:
             "contract_ok": None if ans is None else int(bool(out.ok)), "fallback": out.fallback,
             "fallback_reason": out.fallback_reason, "error": out.error, "latency_ms": latency_ms,
             "queue_ms": ans.queue_s * 1000 if ans else None,
-            "prompt_tokens": ans.prompt_tokens if ans else (None if vision else len(prompt)),
+            "prompt_tokens": ans.prompt_tokens if ans else (None if vision else len(prompts.get(arm.version))),
             "completion_tokens": final.generation.tokens if final is not None else None,
             "constrained": int(served.constraint is not None),
+            "examples": prompts.examples(final.version if final is not None else arm.version),
         }
         if plan.shadow and pin is None:
-            self._shadow(served, plan, request_id, prompt, limit, received, sticky_key)
+            self._shadow(served, plan, request_id, prompts, limit, received, sticky_key)
         await asyncio.wrap_future(self.log.submit(row))  # committed before the answer leaves
         if final is None:
             raise ServiceError(500, f"{advisor}: generation failed ({out.error}); request {request_id}")
@@ -406,17 +420,11 @@ class Service:
             await asyncio.to_thread(self.ensure_loaded, advisor, version, served.worker)
         return ResolvedArm("pinned", pin, version, 0.0)
 
-    def _prompt(self, served: Served, text: str, image: bytes | None) -> list[int] | VisionRequest:
-        """The prompt the worker decodes: the advisor's system prompt and the user's input."""
-        worker = served.worker
-        if isinstance(worker, VisionWorker):
-            return VisionRequest(worker.vision_prompt(served.advisor.messages(text, image=True)), image)
-        prompt = worker.prompt_tokens(served.advisor.messages(text))
-        if len(prompt) > self.cfg.max_prompt_tokens:
-            raise ServiceError(413, f"the prompt is {len(prompt)} tokens; the limit is {self.cfg.max_prompt_tokens}")
-        return prompt
+    def index(self, advisor: str, version: str | None) -> RetrievalIndex | None:
+        """The retrieval index a loaded version was trained with (None: base, or none)."""
+        return self._indexes.get((advisor, version)) if version else None
 
-    async def _decode(self, served: Served, arm: ResolvedArm, prompt: list[int] | VisionRequest, limit: int,
+    async def _decode(self, served: Served, arm: ResolvedArm, prompts: Prompts, limit: int,
                       may_fall_back: bool) -> _Outcome:
         """The arm's answer, checked against the contract; on an error or a broken contract the
         plan's fallback answers instead (not for a pinned version)."""
@@ -424,6 +432,7 @@ class Service:
 
         async def run(version: str | None) -> Answer:
             key = (plan.advisor, version) if version else None
+            prompt = prompts.get(version)
             return await asyncio.wrap_future(served.worker.submit(key, prompt, limit, served.processor()))
 
         out, why = _Outcome(), None
@@ -444,10 +453,14 @@ class Service:
                 out.final = None
         return out
 
-    def _shadow(self, served: Served, plan: Plan, request_id: str, prompt: list[int] | VisionRequest, limit: int,
+    def _shadow(self, served: Served, plan: Plan, request_id: str, prompts: Prompts, limit: int,
                 received: str, sticky_key: str | None) -> None:
         """The shadow version answers too, off the request path; only its row is kept."""
         t0 = time.perf_counter()
+        try:
+            prompt = prompts.get(plan.shadow)
+        except ServiceError:
+            return  # the shadow's examples made the prompt too long: nothing to compare
         fut = served.worker.submit((plan.advisor, plan.shadow), prompt, limit, served.processor())
 
         def done(f):
@@ -457,6 +470,7 @@ class Service:
                    "base_fingerprint": served.worker.fingerprint, "routing_id": plan.routing_id,
                    "sticky_key": sticky_key, "shadow_of": request_id,
                    "constrained": int(served.constraint is not None),
+                   "examples": prompts.examples(plan.shadow),
                    "latency_ms": (time.perf_counter() - t0) * 1000}
             try:
                 a = f.result()
@@ -469,3 +483,4 @@ class Service:
             self.log.submit(row)
 
         fut.add_done_callback(done)
+

@@ -6,7 +6,9 @@ around them, once: the base model lookup, the run record and resume bookkeeping
 (adapter and optimizer restored from a checkpoint), the progress bar and metric
 reports, evaluation on schedule with the best adapter kept, early stopping,
 checkpoints (adapter + optimizer state + trainer state), SIGINT/SIGTERM
-handling, the final adapter files and the loss curve.
+handling, the final adapter files and the loss curve. The dataset's retrieval index (if it has
+one) is read when the run starts and written beside the final adapter, so the adapter folder
+carries the examples its prompts were built from (mondrian.core.retrieval).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from mondrian.core.adapters import AdapterError, load_trainable
 from mondrian.core.atomic import atomic_folder
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
+from mondrian.core.retrieval import INDEX_FILE
 from mondrian.models.sources import ModelCard, ModelError, resolve
 from mondrian.train.plots import loss_curve_svg
 from mondrian.train.runs import RunStore
@@ -239,11 +242,14 @@ def _report(session: Session, window: dict, step: int, optimizer, bar: tqdm) -> 
     return train_loss
 
 
-def _publish(out: Path, hooks: Hooks, step: int) -> None:
+def _publish(out: Path, hooks: Hooks, step: int, index: bytes | None) -> None:
     """The final files: out/last holds the last step; the adapter files in `out` itself are
-    the best by validation loss (the last step's where there is no best)."""
+    the best by validation loss (the last step's where there is no best); `index` is the
+    dataset's retrieval index as the run found it."""
     with atomic_folder(out / "last") as tmp:
         hooks.save_adapter(tmp, {"step": step})
+        if index is not None:
+            (tmp / INDEX_FILE).write_bytes(index)
     best = out / "best"
     for name in [n.name for n in (out / "last").iterdir() if n.is_file()]:
         src = best / name if (best / name).exists() else out / "last" / name
@@ -260,6 +266,9 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
     the run stays resumable."""
     t_start = time.perf_counter()
     store, run_id, state, start = session.store, session.run_id, session.state, session.start
+    # resume checks the dataset fingerprint (which covers the index): these are the run's bytes
+    index_path = Path(cfg.data) / INDEX_FILE
+    index = index_path.read_bytes() if index_path.is_file() else None
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
                disable=not progress, dynamic_ncols=True)
     window = _window()
@@ -309,7 +318,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                     bar.close()
                     store.close()
                     return result("interrupted")
-        _publish(out, hooks, step)
+        _publish(out, hooks, step, index)
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
     except Exception as exc:

@@ -1,0 +1,173 @@
+"""Retrieval-augmented prompts: the index, the dataset rows that carry examples, the leakage
+check over the index, and the advisor YAML that turns it on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import Retrieval, get_advisor, load_advisor
+from mondrian.core.fingerprint import file_sha256
+from mondrian.core.retrieval import (
+    INDEX_FILE,
+    Example,
+    RetrievalError,
+    RetrievalIndex,
+    prompt_messages,
+)
+from mondrian.dataset.leakage import check_leakage
+from mondrian.link.linker import normalize_text, text_group
+from tests.helpers import pipeline_dataset
+
+ADV = "fit-query"
+PLACES = {"berkshire": ["RG", "SL"], "yorkshire": ["YO", "HU", "DN", "HD", "WF", "LS", "BD"],
+          "kent": ["CT", "ME", "TN", "DA", "BR"], "cornwall": ["TR", "PL"]}
+
+
+def _example(question: str, answer: dict) -> Example:
+    advisor = get_advisor(ADV)
+    return Example(question, advisor.render(answer), text_group(question), f"job-{len(question)}-{question[:5]}")
+
+
+def _index(k: int = 2) -> RetrievalIndex:
+    rows = [(f"{tech} sites in {place}", {"query_type": "search", "technology": t, "postcode_patterns": pc})
+            for place, pc in PLACES.items() for tech, t in (("wind", "Wind"), ("solar", "Photovoltaic"))]
+    rows.append(("what is the fit rate for fit id 12", {"query_type": "fit_rate", "fit_id": "12"}))
+    return RetrievalIndex([_example(q, a) for q, a in rows], k)
+
+
+def test_nearest_survives_typos_abbreviations_and_short_inputs():
+    index = _index(k=2)
+    # an abbreviation, a typo and a two-word question each find their place's examples
+    for question, place in [("wind farms in berks", "berkshire"), ("solar in yorkshrie", "yorkshire"),
+                            ("kent", "kent"), ("cornwal solar", "cornwall")]:
+        got = index.nearest(question)
+        assert len(got) == 2
+        assert place in got[0].input, (question, [e.input for e in got])
+        assert json.loads(got[0].answer)["postcode_patterns"] == PLACES[place]
+    assert "fit rate" in index.nearest("fit id 99 rate?")[0].input
+
+
+def test_nearest_never_returns_an_excluded_group():
+    index = _index(k=3)
+    own = text_group("wind sites in kent")
+    got = index.nearest("wind sites in kent", exclude_groups={own})
+    assert len(got) == 3 and all(e.group != own for e in got)
+    assert index.nearest("wind sites in kent")[0].group == own  # without the exclusion it comes first
+
+
+def test_index_file_round_trip_fingerprint_and_errors(tmp_path):
+    index = _index()
+    fp = index.save(tmp_path / INDEX_FILE)
+    assert fp == file_sha256(tmp_path / INDEX_FILE) == index.fingerprint
+    again = RetrievalIndex.load(tmp_path / INDEX_FILE)
+    assert again.fingerprint == fp and again.k == index.k
+    assert [e.input for e in again.nearest("solar in kent")] == [e.input for e in index.nearest("solar in kent")]
+
+    data = json.loads((tmp_path / INDEX_FILE).read_text())
+    data["examples"][3]["answer"] = ""
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(RetrievalError, match=r"bad.json: example 4: input, answer and group"):
+        RetrievalIndex.load(tmp_path / "bad.json")
+    data = json.loads((tmp_path / INDEX_FILE).read_text()) | {"k": 0}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(RetrievalError, match="k must be an integer"):
+        RetrievalIndex.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RetrievalError, match="not a readable retrieval index"):
+        RetrievalIndex.load(tmp_path / "bad.json")
+
+
+def test_prompt_messages_puts_the_most_similar_example_next_to_the_question():
+    advisor, index = get_advisor(ADV), _index(k=2)
+    messages, shown = prompt_messages(advisor, "wind in berkshire", index)
+    roles = [m["role"] for m in messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[-1]["content"] == "wind in berkshire"
+    assert messages[-3]["content"] == shown[0].input and messages[-2]["content"] == shown[0].answer
+    assert messages[1]["content"] == shown[1].input
+    # no index, or an image: the plain prompt
+    assert prompt_messages(advisor, "wind in berkshire")[0] == advisor.messages("wind in berkshire")
+    assert prompt_messages(advisor, "x", index, image=True)[1] == []
+
+
+def test_advisor_yaml_retrieval_block(tmp_path):
+    assert get_advisor(ADV).retrieval == Retrieval(k=4)
+    assert get_advisor("photo-critic").retrieval is None
+    src = (Path(get_advisor(ADV).source)).read_text()
+    # retrieval is how prompts are built, not what an answer is: the contract's identity stays
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(src.replace("retrieval: {k: 4}\n", ""))
+    assert load_advisor(plain).retrieval is None
+    assert load_advisor(plain).fingerprint == get_advisor(ADV).fingerprint
+    for bad, message in [("retrieval: {k: 0}", "k must be an integer in 1..32"),
+                         ("retrieval: {k: 4, metric: cosine}", "unknown key"),
+                         ("retrieval: 4", "must be a mapping")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(src.replace("retrieval: {k: 4}", bad))
+        with pytest.raises(ConfigError, match=message):
+            load_advisor(path)
+    photo = Path(get_advisor("photo-critic").source).read_text()
+    path = tmp_path / "photo.yaml"
+    path.write_text(photo + "\nretrieval: {k: 2}\n")
+    with pytest.raises(ConfigError, match="only text advisors"):
+        load_advisor(path)
+
+
+# ---- the dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return pipeline_dataset(tmp_path_factory.mktemp("ws"), ADV, n_fit=240, n_photo=0)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dataset_writes_the_index_and_every_row_shows_k_examples_not_its_own(dataset):
+    stats = json.loads((dataset / "dataset_stats.json").read_text())
+    index = RetrievalIndex.load(dataset / INDEX_FILE)
+    assert stats["retrieval"]["fingerprint"] == file_sha256(dataset / INDEX_FILE) == index.fingerprint
+    assert stats["fingerprints"][INDEX_FILE] == index.fingerprint
+    assert stats["retrieval"]["k"] == 4 and stats["leakage"]["index_examples"] == len(index.examples)
+    assert "retrieval: k=4" in (dataset / "dataset_stats.md").read_text()
+    train = _rows(dataset / "train.jsonl")
+    # one example per distinct train question, and nothing else
+    assert {normalize_text(e.input) for e in index.examples} == \
+        {normalize_text(r["messages"][-2]["content"]) for r in train}
+    for split in ("train", "valid", "test"):
+        for row in _rows(dataset / f"{split}.jsonl"):
+            msgs = row["messages"]
+            assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 5
+            question = normalize_text(msgs[-2]["content"])
+            shown = [normalize_text(m["content"]) for m in msgs[1:-2:2]]
+            assert question not in shown  # never its own answer, nor a re-asked copy
+            answers = {e.input: e.answer for e in index.examples}
+            assert all(answers[m["content"]] == a["content"] for m, a in zip(msgs[1:-2:2], msgs[2:-2:2], strict=True))
+    held_out = {normalize_text(r["messages"][-2]["content"])
+                for s in ("valid", "test") for r in _rows(dataset / f"{s}.jsonl")}
+    assert held_out and not held_out & {normalize_text(e.input) for e in index.examples}
+
+
+def test_leakage_check_reads_the_index(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    assert check_leakage(copy).ok
+    test_q = _rows(copy / "test.jsonl")[0]["messages"][-2]["content"]
+    data = json.loads((copy / INDEX_FILE).read_text())
+    data["examples"].append({"input": test_q.upper() + "  ", "answer": "{}", "group": "g", "job_id": "x"})
+    (copy / INDEX_FILE).write_text(json.dumps(data))
+    report = check_leakage(copy)
+    assert not report.ok
+    assert [g.key for g in report.leaked] == [normalize_text(test_q)]
+    assert report.leaked[0].splits == {"train": 1, "test": 1}
+    (copy / INDEX_FILE).write_text("[]")
+    report = check_leakage(copy)
+    assert not report.ok and "format must be" in report.problems[0]
