@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo data train train-full eval publish serve test lint bench clean
+.PHONY: setup demo data train train-full eval publish serve test lint bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -55,11 +55,16 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-bench: setup
+bench: data
 	$(PY) scripts/bench_blas.py
 	$(PY) scripts/bench_link.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_service.py
+	$(PY) scripts/bench_retrieval.py
+
+# Quality per wall-clock budget, three training arms and 3 seeds of two trainers (~2 h on 2 cores).
+bench-quality: data
+	$(PY) scripts/bench_quality.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -37,7 +37,7 @@ SETUPS = {
                 "learning_rate": 2e-4, "steps_per_report": 3},
 }
 COMMON = {"lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}, "mask_prompt": True,
-          "max_seq_length": 256, "seed": 0, "fine_tune_type": "lora"}  # per-model values win
+          "max_seq_length": 512, "seed": 0, "fine_tune_type": "lora"}  # per-model values win
 
 
 def workspace_dataset(root: Path) -> Path:

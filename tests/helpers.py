@@ -17,8 +17,12 @@ def run_cli(*args: str, env: dict | None = None, **kw):
                           text=True, env=full_env, cwd=kw.pop("cwd", ROOT), **kw)
 
 
-def pipeline_dataset(root: Path, advisor: str, **demo) -> Path:
-    """The real data pipeline in small: demo workspace -> link -> dataset; returns the dataset."""
+def pipeline_dataset(root: Path, advisor: str, retrieval: bool = False, **demo) -> Path:
+    """The real data pipeline in small: demo workspace -> link -> dataset; returns the dataset.
+    Rows carry retrieved examples only with `retrieval` (the tests of retrieval ask for them;
+    for the others, prompts 2.4x as long would only make the suite slower)."""
+    from dataclasses import replace
+
     from mondrian.core.contracts import get_advisor
     from mondrian.core.workspace import load_workspace
     from mondrian.dataset.build import build_dataset
@@ -29,7 +33,9 @@ def pipeline_dataset(root: Path, advisor: str, **demo) -> Path:
     ws = load_workspace(root)
     link_workspace(ws, progress=False)
     out = root / "datasets" / advisor
-    build_dataset(root / "manifest", get_advisor(advisor), out, data_root=ws.data_path)
+    contract = get_advisor(advisor)
+    build_dataset(root / "manifest", contract if retrieval else replace(contract, retrieval=None), out,
+                  data_root=ws.data_path)
     return out
 
 

@@ -19,7 +19,7 @@ def trained_run(tmp_path_factory):
     cfg = {"model": "tiny:llama", "data": str(root / "datasets" / "fit-query"),
            "adapter_path": str(root / "runs" / "r1"), "advisor": "fit-query", "num_layers": 2,
            "batch_size": 4, "iters": 4, "learning_rate": 1e-3, "mask_prompt": True,
-           "max_seq_length": 512, "val_batches": 1, "steps_per_eval": 4}
+           "max_seq_length": 1024, "val_batches": 1, "steps_per_eval": 4}
     (root / "train.yaml").write_text(yaml.safe_dump(cfg))
     res = CliRunner().invoke(cli, ["train", "--config", str(root / "train.yaml"), "--json"])
     assert res.exit_code == 0, res.output

@@ -108,6 +108,18 @@ def test_the_cap_is_in_the_grammar(smollm2_loaded):
     assert constrained.with_caps(schema, {"a": 5})["properties"]["a"]["maxItems"] == 1
 
 
+def test_a_number_cannot_run_on(smollm2_loaded, fit_constraint):
+    """An undertrained adapter wrote "capacity_max_kw":5000000000... to the token cap; the
+    contract's maximum (10 GW in kW) is in the grammar, so such a number cannot be written."""
+    _, tok = smollm2_loaded
+    for value, accepted in ((9_500_000, True), (50_000_000, False), (5 * 10**30, False)):
+        text = f'{{"query_type":"search","capacity_max_kw":{value}}}'
+        m = llguidance.LLMatcher(fit_constraint.lltok, fit_constraint.grammar, log_level=0)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert (m.consume_tokens(ids) and m.is_accepting()) is accepted, text
+    assert FIT.violations({"query_type": "search", "capacity_max_kw": 50_000_000})
+
+
 def test_a_looping_model_cannot_loop(smollm2_loaded, fit_constraint):
     """A model pushed to write the same item again and again (what an undertrained adapter did
     on Scotland questions): with the uniqueness rule off, the list repeats an item up to its

@@ -405,7 +405,8 @@ def test_evaluate_constrained_arms(tiny_setup, tmp_path):
                          out_dir=tmp_path / "out", constrained=True, resamples=100)
     assert list(report.arms) == ["base", "adapter", "base_constrained", "adapter_constrained"]
     assert [(c["a"], c["b"]) for c in report.comparisons] == [
-        ("base", "adapter"), ("base", "base_constrained"), ("adapter", "adapter_constrained")]
+        ("base", "adapter"), ("base_constrained", "adapter_constrained"),
+        ("base", "base_constrained"), ("adapter", "adapter_constrained")]
     for row in report.rows:  # 8 tokens cannot finish an object, but every token so far fits the grammar
         assert row["arms"]["adapter_constrained"]["answer"].startswith('{"query_type":"')
     md = (tmp_path / "out" / "report.md").read_text()

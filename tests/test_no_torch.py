@@ -97,7 +97,7 @@ num_layers: 2
 batch_size: 4
 iters: 2
 mask_prompt: true
-max_seq_length: 512
+max_seq_length: 1024
 val_batches: 1
 """
 

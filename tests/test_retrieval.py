@@ -122,7 +122,7 @@ def test_advisor_yaml_retrieval_block(tmp_path):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return pipeline_dataset(tmp_path_factory.mktemp("ws"), ADV, n_fit=240, n_photo=0)
+    return pipeline_dataset(tmp_path_factory.mktemp("ws"), ADV, retrieval=True, n_fit=240, n_photo=0)
 
 
 def _rows(path: Path) -> list[dict]:

@@ -55,7 +55,7 @@ def _examples(db: Path, request_id: str) -> list[str] | None:
 
 def test_train_publish_relink_reindex_serve(tmp_path, tiny_llama):
     ws = tmp_path / "ws"
-    data = pipeline_dataset(ws, ADV, n_fit=160, n_photo=0, seed=4)
+    data = pipeline_dataset(ws, ADV, retrieval=True, n_fit=160, n_photo=0, seed=4)
     first_index = file_sha256(data / INDEX_FILE)
 
     # a real (short) training run carries the index it was trained with

@@ -356,12 +356,12 @@ def test_text_advisors_decode_under_their_contract_by_default(tmp_path, tiny_lla
 
 
 def test_an_older_requests_table_gets_the_new_column(tmp_path):
-    """A requests table written before `constrained` existed is extended in place, old rows
-    kept with NULL (not recorded)."""
+    """A requests table written before `constrained` and `examples` existed is extended in
+    place, old rows kept with NULL (not recorded)."""
     from mondrian.core.db import REQUEST_COLUMNS, create_request_tables
 
     db = tmp_path / "old.db"
-    old = [c for c in REQUEST_COLUMNS if c != "constrained"]
+    old = list(REQUEST_COLUMNS)[:list(REQUEST_COLUMNS).index("constrained")]
     with sqlite3.connect(db) as conn:
         conn.execute(f"CREATE TABLE requests ({', '.join(old)})")
         conn.execute("INSERT INTO requests (request_id, advisor) VALUES ('r1', 'fit-query')")
@@ -369,7 +369,8 @@ def test_an_older_requests_table_gets_the_new_column(tmp_path):
     with sqlite3.connect(db) as conn:
         cols = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
         assert cols == list(REQUEST_COLUMNS)
-        assert conn.execute("SELECT request_id, constrained FROM requests").fetchall() == [("r1", None)]
+        assert conn.execute("SELECT request_id, constrained, examples FROM requests").fetchall() == \
+            [("r1", None, None)]
 
 
 def test_image_helper_accepts_real_images():

@@ -29,7 +29,7 @@ def fit_data(tmp_path_factory):
 def _config(tmp_path: Path, data: Path, **kw) -> Path:
     cfg = {"model": "tiny:llama", "data": str(data), "adapter_path": str(tmp_path / "run"),
            "advisor": "fit-query", "num_layers": 4, "batch_size": 4, "iters": 24,
-           "learning_rate": 2e-3, "mask_prompt": True, "max_seq_length": 512,
+           "learning_rate": 2e-3, "mask_prompt": True, "max_seq_length": 1024,
            "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1}, "steps_per_report": 4,
            "steps_per_eval": 8, "val_batches": 2, "save_every": 4, "seed": 3} | kw
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -182,3 +182,34 @@ def test_validation_subset_spans_all_lengths():
     assert len(chosen) == 5 and min(lengths) == 10 and max(lengths) == 109  # not just the shortest
     assert len(val_batches(split, batch_size=4, n=-1)) == 25
     assert len(val_batches(split, batch_size=4, n=1)) == 1
+
+
+def test_sigterm_validates_the_step_it_stops_at(fit_data, tmp_path):
+    """Stopped between evaluations, the run measures its last step, so the adapter kept as
+    the best is not the untrained one that only step 0 was measured against."""
+    _, data = fit_data
+    cfg_path = _config(tmp_path, data, iters=400, steps_per_eval=1000, save_every=1000)
+    proc = subprocess.Popen([sys.executable, "-m", "mondrian.cli", "train", "--config", str(cfg_path), "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = data.parent.parent / "mondrian.db"
+    deadline = time.time() + 300
+    while True:  # wait for the first training report (step 4), then stop the run
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no training report in time"
+        store = RunStore(db)
+        mine = [r for r in store.list() if r["adapter_path"] == str((tmp_path / "run").resolve())]
+        reported = mine and any(n == "train_loss" for _, n, _ in store.metrics(mine[0]["run_id"]))
+        store.close()
+        if reported:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    result = json.loads(out)
+    assert result["status"] == "interrupted" and 4 <= result["steps"] < 400, err[-2000:]
+    store = RunStore(db)
+    vals = [(s, v) for s, n, v in store.metrics(result["run_id"]) if n == "val_loss"]
+    store.close()
+    assert [s for s, _ in vals] == [0, result["steps"]]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] == (result["steps"] if vals[1][1] < vals[0][1] else 0)

@@ -30,7 +30,8 @@ def adapters() -> None:
 def _version_line(v: Version) -> str:
     card = v.card
     metrics = card.metrics if card else {}
-    adapter = metrics.get("adapter") if isinstance(metrics.get("adapter"), dict) else None
+    adapter = next((metrics[a] for a in ("adapter", "adapter_constrained")
+                    if isinstance(metrics.get(a), dict)), None)
     if adapter:  # a `mondrian eval` metrics.json: the adapter arm's headline numbers
         head = ", ".join(f"{k.replace('_', ' ')} {adapter[k]:.1%}"
                          for k in ("compliance", "exact_match")

@@ -17,13 +17,13 @@ from mondrian.train.loop import TrainError
 @click.option("--workspace", "folder", default="workspace", show_default=True,
               type=click.Path(file_okay=False), help="Where the demo workspace is (re)built.")
 @ROOT_OPTION
-@click.option("--iters", default=30, show_default=True, type=click.IntRange(1),
+@click.option("--iters", default=8, show_default=True, type=click.IntRange(1),
               help="Training steps.")
 @click.option("--eval-limit", default=32, show_default=True, type=click.IntRange(1),
               help="Test rows evaluated.")
 @click.option("--requests", "n_requests", default=48, show_default=True, type=click.IntRange(1),
               help="A/B requests sent to the service.")
-@click.option("--max-seq-length", default=256, show_default=True, type=click.IntRange(16),
+@click.option("--max-seq-length", default=512, show_default=True, type=click.IntRange(16),
               help="Training sequence limit (tiny models' tokenizers need more).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
 def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit: int,

@@ -50,12 +50,12 @@ class DemoOptions:
     model: str = "smollm2-135m"
     folder: str = "workspace"
     registry: str | None = None  # registry root [$MONDRIAN_ADAPTERS or ./adapters]
-    iters: int = 30
+    iters: int = 8
     eval_limit: int = 32
     requests: int = 48
     clients: int = 4
     max_tokens: int = 64
-    max_seq_length: int = 256
+    max_seq_length: int = 512
 
 
 class _Steps:
@@ -96,7 +96,7 @@ def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Pa
     from mlx_lm.utils import load_config as model_config  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; only a demo run needs it
 
     steps.head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} "
-               "(make train-full for the quality run)")
+               "(make train runs the full recipe)")
     layers = model_config(Path(card.path)).get("num_hidden_layers", 16)
     cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model,
                                "data": str(data), "adapter_path": str(run_dir),
@@ -112,14 +112,17 @@ def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Pa
 def _evaluate(opts: DemoOptions, steps: _Steps, data: Path, db: Path, run_dir: Path,
               run_id: str) -> tuple[EvalReport, dict[str, Any]]:
     """Base vs adapter on part of the test split; returns the report and its summary."""
-    steps.head(f"evaluate base vs adapter on {opts.eval_limit} test rows")
+    steps.head(f"evaluate base vs adapter on {opts.eval_limit} test rows (retrieved examples in "
+               "every prompt, decoded under the contract, as the service does)")
+    arms = ("base_constrained", "adapter_constrained")
     ev = evaluate(opts.model, run_dir, data, get_advisor(ADVISOR), limit=opts.eval_limit,
-                  max_tokens=opts.max_tokens, db=db,
+                  max_tokens=opts.max_tokens, db=db, constrained=True, arms=arms,
                   out_dir=Path(opts.folder) / "evals" / f"{run_id}-eval", progress=True)
     s = ev.summary()
-    for arm in ("base", "adapter"):
-        steps.say(f"      {arm:8s} compliance {s[arm]['compliance']:.1%}  "
-                  f"exact {s[arm]['exact_match']:.1%}  fields {s[arm]['field_accuracy']:.1%}")
+    for arm in arms:
+        name = arm.removesuffix("_constrained")
+        steps.say(f"      {name:8s} exact match {s[arm]['exact_match']:.1%}  "
+                  f"fields {s[arm]['field_accuracy']:.1%}  compliance {s[arm]['compliance']:.1%}")
     steps.say(f"      report: {Path(ev.out_dir) / 'report.md'}")
     return ev, s
 

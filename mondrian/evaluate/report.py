@@ -122,9 +122,10 @@ def evaluate_answers(advisor: Advisor, rows: Sequence[EvalRow], answers: dict[st
     for arm in gens:
         wall = (walls or {}).get(arm)
         arms[arm] = arm_metrics(advisor, scores[arm], gens[arm], *(wall or (None, None, None)))
-    pairs = []
-    if BASE in gens and ADAPTER in gens:
-        pairs.append((BASE, ADAPTER))
+    pairs = []  # base vs adapter first (free decoding's, then the constrained arms')
+    for suffix in ("", CONSTRAINED_SUFFIX):
+        if BASE + suffix in gens and ADAPTER + suffix in gens:
+            pairs.append((BASE + suffix, ADAPTER + suffix))
     for arm in list(gens):
         if arm + CONSTRAINED_SUFFIX in gens:
             pairs.append((arm, arm + CONSTRAINED_SUFFIX))

@@ -483,4 +483,3 @@ class Service:
             self.log.submit(row)
 
         fut.add_done_callback(done)
-

@@ -300,7 +300,9 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                 if step % cfg.steps_per_report == 0 or step == cfg.iters:
                     last_train_loss = _report(session, window, step, optimizer, bar)
                     window = _window()
-                if step % cfg.steps_per_eval == 0 or step == cfg.iters:
+                # a SIGINT/SIGTERM validates the step it stops at, so the adapter kept as the
+                # best is never one only step 0 was measured against
+                if step % cfg.steps_per_eval == 0 or step == cfg.iters or interrupt.hit:
                     _evaluate(session, out, hooks, bar, step)
                     window["t"] = time.perf_counter()  # evaluation time is not training throughput
                     if (cfg.early_stopping_patience

@@ -1,0 +1,223 @@
+"""Quality per wall-clock minute: plain mlx-lm vs `mondrian train`, with and without retrieval.
+
+On the demo workspace's fit-query data and SmolLM2-135M, in one run:
+
+part `arms`: each arm trains for the same wall-clock budget (the process is stopped with
+SIGTERM when it runs out; both trainers keep their last saved adapter), then `mondrian eval`
+scores it on the whole test split and on the hand-written set, decoded freely and under the
+contract's grammar:
+  (a) `python -m mlx_lm lora` with the old recipe (lora/fit-query.yaml before retrieval:
+      16 layers, rank 8, batch 8, lr 2e-4 constant, masked prompt, max_seq_length 256), on the
+      dataset built without retrieval;
+  (b) `mondrian train` with the new recipe (lora/fit-query.yaml), on the dataset without
+      retrieval;
+  (c) `mondrian train` with the new recipe, on the retrieval dataset (`make train`'s path).
+  The base model is scored the same way once per dataset (with `--base`).
+
+part `seeds`: plain mlx-lm and our loop on the *same* recipe (the old one, same iters), seeds
+0..N-1 each, each adapter scored on the test split (free decoding): does our loop (length
+bucketing, answer-only logits) cost quality? Reported: mean and spread of exact match and
+field accuracy per trainer, and the paired difference.
+
+Results: scripts/results/bench_quality.json (every number, per arm and set); the README
+table is copied from its printout.
+
+    python scripts/bench_quality.py [--parts arms,seeds] [--budget-min 12] [--seeds 3]
+                                    [--seed-iters 30] [--base] [--workspace workspace]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+import mondrian
+from mondrian.core.contracts import get_advisor
+from mondrian.core.workspace import load_workspace
+from mondrian.dataset.build import build_dataset
+from mondrian.models.sources import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+HANDWRITTEN = ROOT / "tests" / "data" / "fit_query_handwritten.jsonl"
+NEW_RECIPE = ROOT / "lora" / "fit-query.yaml"
+OLD_RECIPE = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
+              "batch_size": 8, "learning_rate": 2e-4, "mask_prompt": True, "max_seq_length": 256}
+ADV = "fit-query"
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    st = mondrian.core.blas.status()
+    if st.backend == "openblas":
+        env["LD_PRELOAD"] = st.path  # the peer gets the same BLAS as we do
+    return env
+
+
+def datasets(ws: Path) -> dict[str, Path]:
+    """The retrieval dataset (make data's) and the same rows built without retrieval."""
+    advisor = get_advisor(ADV)
+    out = {"retrieval": ws / "datasets" / ADV, "plain": ws / "datasets" / f"{ADV}-plain"}
+    if not (out["retrieval"] / "train.jsonl").is_file():
+        raise SystemExit(f"{out['retrieval']}: missing (run `make data` first)")
+    if not (out["plain"] / "train.jsonl").is_file():
+        build_dataset(ws / "manifest", replace(advisor, retrieval=None), out["plain"],
+                      data_root=load_workspace(ws).data_path)
+    return out
+
+
+def _run_for(cmd: list[str], budget_s: float | None, log: Path) -> float:
+    """Run `cmd`; SIGTERM it when `budget_s` runs out (then wait for it to save). Wall seconds."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        try:
+            proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=600)
+    return time.perf_counter() - t0
+
+
+def train_peer(data: Path, out: Path, model_path: str, seed: int, iters: int, budget_s: float | None) -> dict:
+    cfg = OLD_RECIPE | {"model": model_path, "data": str(data), "adapter_path": str(out), "train": True,
+                        "iters": iters, "seed": seed, "steps_per_report": 5, "steps_per_eval": 100_000,
+                        "val_batches": 1, "save_every": 5 if budget_s else iters}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peer.yaml").write_text(json.dumps(cfg))
+    wall = _run_for([sys.executable, "-m", "mlx_lm", "lora", "-c", str(out / "peer.yaml")], budget_s, out / "log.txt")
+    if not (out / "adapters.safetensors").is_file():
+        raise RuntimeError(f"mlx_lm lora saved no adapter:\n{(out / 'log.txt').read_text()[-2000:]}")
+    saved = sorted(out.glob("*_adapters.safetensors"))
+    return {"trainer": "mlx_lm lora", "wall_s": round(wall, 1),
+            "steps": int(saved[-1].name.split("_")[0]) if saved else iters}
+
+
+def train_ours(config: dict, out: Path, budget_s: float | None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    wall = _run_for([sys.executable, "-m", "mondrian.cli", "train", "--config", str(out / "config.yaml"),
+                     "--json"], budget_s, out / "log.txt")
+    if not (out / "run" / "last" / "adapters.safetensors").is_file():
+        raise RuntimeError(f"mondrian train saved no adapter:\n{(out / 'log.txt').read_text()[-2000:]}")
+    with sqlite3.connect(out / "runs.db") as conn:
+        steps = conn.execute("SELECT max(step) FROM run_metrics WHERE name = 'train_loss'").fetchone()[0]
+    return {"trainer": "mondrian train", "wall_s": round(wall, 1), "steps": steps}
+
+
+def score(adapter: Path | None, data: Path, out: Path, arms: str, questions: Path | None = None) -> dict:
+    """`mondrian eval` of the given arms; {arm: headline metrics}."""
+    cmd = [sys.executable, "-m", "mondrian.cli", "eval", "--model", "smollm2-135m", "--advisor", ADV,
+           "--data", str(data), "--arms", arms, "--max-tokens", "96", "--db", str(out / "runs.db"),
+           "--out", str(out), "--no-progress", "--json"]
+    if adapter is not None:
+        cmd += ["--adapter", str(adapter)]
+    if questions is not None:
+        cmd += ["--questions", str(questions)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"mondrian eval failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout)
+    keep = ("parse_rate", "compliance", "exact_match", "field_accuracy", "critical_passed")
+    return {arm: {k: m.get(k) for k in keep} for arm, m in summary.items()
+            if isinstance(m, dict) and "exact_match" in m}
+
+
+def scores(adapter: Path | None, data: Path, out: Path, arms: str) -> dict:
+    return {"test": score(adapter, data, out / "test", arms),
+            "handwritten": score(adapter, data, out / "handwritten", arms, HANDWRITTEN)}
+
+
+def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str, base: bool) -> dict:
+    new = yaml.safe_load(NEW_RECIPE.read_text())
+    # the recipe's own iters and schedule: an arm that finishes inside the budget stops there
+    eval_every = {"steps_per_eval": 100_000, "val_batches": 1, "save_every": 100_000}
+    out = {}
+    if base:
+        for name, data in sets.items():
+            out[f"base ({name} prompts)"] = {"scores": scores(None, data, tmp / f"base-{name}", "base,base_constrained")}
+    arms = {
+        "(a) mlx_lm lora, old recipe": lambda d: train_peer(sets["plain"], d, model_path, 0, 10_000, budget_s),
+        "(b) mondrian train, new recipe, no retrieval": lambda d: train_ours(
+            new | eval_every | {"data": str(sets["plain"]), "adapter_path": str(d / "run"), "db": str(d / "runs.db")},
+            d, budget_s),
+        "(c) mondrian train, new recipe, retrieval": lambda d: train_ours(
+            new | eval_every | {"data": str(sets["retrieval"]), "adapter_path": str(d / "run"), "db": str(d / "runs.db")},
+            d, budget_s),
+    }
+    for i, (name, run) in enumerate(arms.items()):
+        folder = tmp / f"arm{i}"
+        info = run(folder)
+        # the last step's adapter: a run stopped by the budget validated only at step 0
+        adapter = folder if info["trainer"] == "mlx_lm lora" else folder / "run" / "last"
+        data = sets["retrieval"] if "retrieval" in name and "no retrieval" not in name else sets["plain"]
+        out[name] = info | {"scores": scores(adapter, data, folder / "eval", "adapter,adapter_constrained")}
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
+def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_path: str) -> dict:
+    out: dict[str, list] = {"mlx_lm lora": [], "mondrian train": []}
+    for seed in range(seeds):
+        peer_dir, ours_dir = tmp / f"peer-{seed}", tmp / f"ours-{seed}"
+        peer = train_peer(sets["plain"], peer_dir, model_path, seed, iters, None)
+        out["mlx_lm lora"].append(peer | {"seed": seed, **score(peer_dir, sets["plain"], peer_dir / "eval", "adapter")["adapter"]})
+        ours = train_ours(OLD_RECIPE | {"model": "smollm2-135m", "data": str(sets["plain"]), "iters": iters, "seed": seed,
+                                        "adapter_path": str(ours_dir / "run"), "db": str(ours_dir / "runs.db"),
+                                        "advisor": ADV, "steps_per_eval": 100_000, "val_batches": 1,
+                                        "save_every": iters}, ours_dir, None)
+        out["mondrian train"].append(ours | {"seed": seed, **score(ours_dir / "run" / "last", sets["plain"], ours_dir / "eval", "adapter")["adapter"]})
+        print(json.dumps({"seed": seed, "peer": out["mlx_lm lora"][-1], "ours": out["mondrian train"][-1]}), flush=True)
+    summary = {}
+    for trainer, runs in out.items():
+        summary[trainer] = {m: {"mean": round(statistics.mean(r[m] for r in runs), 4),
+                                "sd": round(statistics.stdev(r[m] for r in runs), 4) if len(runs) > 1 else None}
+                            for m in ("exact_match", "field_accuracy", "compliance")}
+        summary[trainer]["wall_s_mean"] = round(statistics.mean(r["wall_s"] for r in runs), 1)
+    diffs = [o["exact_match"] - p["exact_match"] for o, p in zip(out["mondrian train"], out["mlx_lm lora"], strict=True)]
+    summary["ours_minus_peer_exact_match"] = {"per_seed": [round(d, 4) for d in diffs], "mean": round(statistics.mean(diffs), 4)}
+    return {"iters": iters, "recipe": OLD_RECIPE, "runs": out, "summary": summary}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="arms,seeds")
+    ap.add_argument("--budget-min", type=float, default=12.0, help="wall-clock budget of each arm's training")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-iters", type=int, default=30)
+    ap.add_argument("--base", action="store_true", help="also score the base model on both datasets")
+    ap.add_argument("--workspace", default=str(ROOT / "workspace"))
+    ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_quality.json"))
+    args = ap.parse_args()
+    sets = datasets(Path(args.workspace))
+    model_path = resolve("smollm2-135m").path
+    result = {"benchmark": "bench_quality", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+              "new_recipe": yaml.safe_load(NEW_RECIPE.read_text()), "old_recipe": OLD_RECIPE}
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        if "seeds" in args.parts:
+            result["seeds"] = part_seeds(sets, Path(tmp) / "seeds", args.seeds, args.seed_iters, model_path)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        if "arms" in args.parts:
+            result["budget_min"] = args.budget_min
+            result["arms"] = part_arms(sets, Path(tmp) / "arms", args.budget_min * 60, model_path, args.base)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k in ("seeds", "arms")}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
