@@ -49,6 +49,7 @@ def test_nearest_survives_typos_abbreviations_and_short_inputs():
         assert place in got[0].input, (question, [e.input for e in got])
         assert json.loads(got[0].answer)["postcode_patterns"] == PLACES[place]
     assert "fit rate" in index.nearest("fit id 99 rate?")[0].input
+    assert RetrievalIndex([], 2).fit().nearest("kent") == []  # an empty index loads and finds none
 
 
 def test_nearest_never_returns_an_excluded_group():

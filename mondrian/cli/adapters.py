@@ -17,6 +17,7 @@ from mondrian.cli.common import (
     open_run_store,
     registry_call,
 )
+from mondrian.core.retrieval import INDEX_FILE
 from mondrian.registry.fuse import export_fused
 from mondrian.registry.records import Version
 from mondrian.registry.store import Registry
@@ -190,7 +191,7 @@ def adapters_reindex(advisor: str, ref: str, data_dir: str, alias: str | None, r
     """Publish REF's weights with the dataset's newer retrieval index: newly linked jobs are
     answered from at serve time, without retraining."""
     reg = Registry(root)
-    version = registry_call(reg.reindex, advisor, ref, Path(data_dir) / "retrieval_index.json")
+    version = registry_call(reg.reindex, advisor, ref, Path(data_dir) / INDEX_FILE)
     if alias:
         registry_call(reg.set_alias, advisor, alias, version.version)
     if as_json:

@@ -109,7 +109,11 @@ class RetrievalIndex:
 
     # ---- the query
 
-    def _fit(self) -> None:
+    def fit(self) -> RetrievalIndex:
+        """Fit the similarity now (a loader does, so no request pays it); `nearest` fits on
+        first use otherwise. Idempotent."""
+        if self._vectorizer is not None or not self.examples:  # nothing to fit on: nearest finds none
+            return self
         from sklearn.feature_extraction.text import (  # noqa: PLC0415 - heavy: scikit-learn import ~0.5 s; only indexed advisors pay it
             TfidfVectorizer,
         )
@@ -117,6 +121,7 @@ class RetrievalIndex:
         self._vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), lowercase=True,
                                            sublinear_tf=True)
         self._matrix = self._vectorizer.fit_transform([e.input for e in self.examples])
+        return self
 
     def nearest(self, text: str, k: int | None = None, exclude_groups: frozenset[str] | set[str] = frozenset()
                 ) -> list[Example]:
@@ -125,8 +130,7 @@ class RetrievalIndex:
         k = self.k if k is None else k
         if not self.examples or k < 1:
             return []
-        if self._vectorizer is None:
-            self._fit()
+        self.fit()
         scores = (self._matrix @ self._vectorizer.transform([text]).T).toarray().ravel()
         found: list[Example] = []
         for i in np.argsort(-scores, kind="stable"):  # stable: equal scores keep index order

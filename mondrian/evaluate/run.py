@@ -141,7 +141,7 @@ def _index_notes(adapter: Path | None, data_dir: Path, index: RetrievalIndex | N
         return [f"the adapter was trained without retrieval, but {data_dir}'s rows carry retrieved examples"]
     if index is not None and not theirs.is_file():
         return [f"the adapter was trained with retrieval, but {data_dir}'s rows carry no examples"]
-    if index is not None and file_sha256(theirs) != file_sha256(adapter / INDEX_FILE):
+    if index is not None and file_sha256(theirs) != index.fingerprint:
         return [f"{data_dir}'s retrieval index is not the one the adapter was trained with (rebuilt since)"]
     return []
 

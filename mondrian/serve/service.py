@@ -191,9 +191,7 @@ class Service:
             return
         try:
             path = self.registry.resolve(advisor, version, worker.fingerprint)
-            index = RetrievalIndex.load(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else None
-            if index is not None:
-                index.nearest("warm up")  # fit the similarity now, not on a request
+            index = RetrievalIndex.load(path / INDEX_FILE).fit() if (path / INDEX_FILE).is_file() else None
             worker.load(advisor, version, path)
             self._indexes[(advisor, version)] = index
         except (RegistryError, EngineError, RetrievalError) as exc:
