@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,7 +169,8 @@ def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str
     return out
 
 
-def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_path: str) -> dict:
+def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_path: str,
+               progress: Callable[[dict], None] = lambda partial: None) -> dict:
     out: dict[str, list] = {"mlx_lm lora": [], "mondrian train": []}
     for seed in range(seeds):
         peer_dir, ours_dir = tmp / f"peer-{seed}", tmp / f"ours-{seed}"
@@ -180,6 +182,7 @@ def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_p
                                         "save_every": iters}, ours_dir, None)
         out["mondrian train"].append(ours | {"seed": seed, **score(ours_dir / "run" / "last", sets["plain"], ours_dir / "eval", "adapter")["adapter"]})
         print(json.dumps({"seed": seed, "peer": out["mlx_lm lora"][-1], "ours": out["mondrian train"][-1]}), flush=True)
+        progress({"iters": iters, "recipe": OLD_RECIPE, "runs": out, "complete": False})  # a 1 h part survives a stop
     summary = {}
     for trainer, runs in out.items():
         summary[trainer] = {m: {"mean": round(statistics.mean(r[m] for r in runs), 4),
@@ -188,7 +191,7 @@ def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_p
         summary[trainer]["wall_s_mean"] = round(statistics.mean(r["wall_s"] for r in runs), 1)
     diffs = [o["exact_match"] - p["exact_match"] for o, p in zip(out["mondrian train"], out["mlx_lm lora"], strict=True)]
     summary["ours_minus_peer_exact_match"] = {"per_seed": [round(d, 4) for d in diffs], "mean": round(statistics.mean(diffs), 4)}
-    return {"iters": iters, "recipe": OLD_RECIPE, "runs": out, "summary": summary}
+    return {"iters": iters, "recipe": OLD_RECIPE, "runs": out, "summary": summary, "complete": True}
 
 
 def main() -> None:
@@ -209,7 +212,9 @@ def main() -> None:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         if "seeds" in args.parts:
-            result["seeds"] = part_seeds(sets, Path(tmp) / "seeds", args.seeds, args.seed_iters, model_path)
+            def save(partial: dict) -> None:
+                out.write_text(json.dumps(result | {"seeds": partial}, indent=2) + "\n")
+            result["seeds"] = part_seeds(sets, Path(tmp) / "seeds", args.seeds, args.seed_iters, model_path, save)
             out.write_text(json.dumps(result, indent=2) + "\n")
         if "arms" in args.parts:
             result["budget_min"] = args.budget_min

@@ -3,16 +3,19 @@
 import io
 import json
 import os
+import socket
 import sqlite3
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
 from mondrian.core.config import ConfigError
-from mondrian.core.contracts import load_advisors
+from mondrian.core.contracts import get_advisor, load_advisors
 from mondrian.core.db import DBError, connect, create_jobs_table, open_db
 from mondrian.core.workspace import load_workspace
+from mondrian.dataset.build import build_dataset
 from mondrian.demo.images import generate_image
 from mondrian.link.linker import REASONS, link_workspace
 
@@ -111,10 +114,39 @@ def hostile(tmp_path):
     job("invalid_json", advisor="fit-query", input_text="solar in kent", analysis_json=b"\xff\xfe{}")
     job("analysis_too_large", advisor="fit-query", input_text="hydro in kent",
         analysis_json="{" + " " * 2_000_000 + "}")
+    # files no record may make the linker hang on or crash over
+    os.mkfifo(data / "out" / "fifo.json")  # open() would block forever
+    job("analysis_unreadable", image_path="img/p4.png", analysis_path="out/fifo.json")
+    os.symlink("loop2.json", data / "out" / "loop1.json")
+    os.symlink("loop1.json", data / "out" / "loop2.json")
+    job("analysis_unreadable", image_path="img/p4.png", analysis_path="out/loop1.json")
+    job("analysis_missing", image_path="img/p4.png", analysis_path="out/a4.json/inner.json")
+    job("analysis_unreadable", image_path="img/p4.png", analysis_path="out/" + "x" * 5000 + ".json")
+    cwd = os.getcwd()
+    os.chdir(data / "out")  # a unix socket path must be short: bind it relative
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind("sock.json")
+    finally:
+        os.chdir(cwd)
+    job("analysis_unreadable", image_path="img/p4.png", analysis_path="out/sock.json")
+    job("image_unreadable", image_path="out/fifo.json", analysis_path="out/a4.json")
+    _write(data / "out" / "surrogate.json", json.dumps(a4 | {"comment": "\ud800 broken"}))  # JSON escape
+    job("invalid_json", image_path="img/p4.png", analysis_path="out/surrogate.json")
+    with open(data / "img" / "sparse.png", "wb") as f:  # 65 MiB of nothing, no disk used
+        f.truncate(65 * 1024 * 1024)
+    job("image_file_too_large", image_path="img/sparse.png", analysis_path="out/a4.json")
+    job("input_invalid", job_id="text-not-utf8", advisor="fit-query", input_text=None,
+        analysis_json=json.dumps(FIT))  # made TEXT with invalid UTF-8 below
+    job("linked", job_id=7, advisor="fit-query", input_text="wave in cornwall",
+        analysis_json=json.dumps(FIT))  # an INTEGER id
 
     db = open_db(tmp_path / "mondrian.db", create=True)
     create_jobs_table(db)
     db["jobs"].insert_all(jobs)
+    # TEXT holding invalid UTF-8: sqlite3 raises when it decodes such a value
+    db.execute("UPDATE jobs SET input_text = CAST(x'6361ff20776176' AS TEXT) WHERE job_id = 'text-not-utf8'")
+    db.conn.commit()
     db.conn.close()
     return load_workspace(tmp_path), expect
 
@@ -133,7 +165,8 @@ def test_every_hostile_record_gets_its_reason(hostile):
     got = ["linked" if r["status"] == "linked" else r["reason"] for r in rows]
     assert got == expect
     assert all(r["detail"] for r in rows if r["status"] == "rejected")
-    assert set(summary.by_reason) == set(REASONS)  # the fixture covers every reason
+    # the fixture covers every reason but the one for a bug (see the test below)
+    assert set(summary.by_reason) == set(REASONS) - {"internal_error"}
     assert summary.linked == expect.count("linked")
 
 
@@ -177,15 +210,94 @@ def test_failed_link_keeps_the_previous_manifest(hostile, monkeypatch):
     before = (ws.path("manifest") / "manifest.jsonl").read_bytes()
     from mondrian.link import linker as link_mod
 
-    def boom(self, job):
-        raise RuntimeError("disk full")
+    def boom(self):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(link_mod.Linker, "link", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(link_mod.LinkCache, "save", boom)  # the run fails, not one record
+    with pytest.raises(OSError):
         link_workspace(ws, progress=False)
     assert (ws.path("manifest") / "manifest.jsonl").read_bytes() == before
     assert not [p for p in ws.path(".").iterdir() if p.name.startswith(".manifest")]
     assert summary.conserved
+
+
+def test_an_unforeseen_failure_is_that_records_rejection(hostile, monkeypatch):
+    """A bug that one record trips becomes that record's `internal_error`; the run goes on."""
+    ws, expect = hostile
+    from mondrian.link import linker as link_mod
+
+    real = link_mod.Linker.link
+
+    def flaky(self, job):
+        if job["job_id"] == "j002":
+            raise KeyError("a field the code did not expect")
+        return real(self, job)
+
+    monkeypatch.setattr(link_mod.Linker, "link", flaky)
+    summary = link_workspace(ws, progress=False)
+    rows = _rows(summary)
+    assert summary.conserved and summary.total == len(expect)
+    assert rows[2]["reason"] == "internal_error" and "KeyError" in rows[2]["detail"]
+    assert [r["status"] for r in rows[3:]] == [r["status"] for r in _rows_expected(expect)[3:]]
+
+
+def _rows_expected(expect):
+    return [{"status": "linked" if e == "linked" else "rejected"} for e in expect]
+
+
+def test_duplicates_name_the_earlier_job_and_the_dataset_takes_the_manifest(hostile):
+    ws, _ = hostile
+    summary = link_workspace(ws, progress=False)
+    rows = _rows(summary)
+    dups = [r for r in rows if r.get("reason") in ("duplicate", "duplicate_conflict")]
+    assert dups and all(r["detail"].startswith("same input as job '") for r in dups)
+    by_id = {r["job_id"]: r for r in rows}
+    for r in dups:
+        earlier = r["detail"].split("'")[1]
+        assert by_id[earlier]["status"] == "linked"  # the job, not a cache digest
+    assert by_id["7"]["status"] == "linked"  # an INTEGER id is written as text
+    assert any(r["job_id"] is None for r in rows)  # the job_id_missing row
+    report = build_dataset(summary.manifest, get_advisor("fit-query"), ws.path("ds"), ratios=(0.5, 0.25, 0.25))
+    assert sum(report.counts.values()) == sum(r["status"] == "linked" and r["advisor"] == "fit-query" for r in rows)
+
+
+def test_pillow_follows_our_pixel_limit_not_its_own(tmp_path):
+    """Above Pillow's 89.5 Mpx default, the workspace's max_image_pixels still decides."""
+    data = tmp_path / "data"
+    big = io.BytesIO()
+    Image.new("1", (9600, 9600)).save(big, format="PNG")  # 92 Mpx, a few kB
+    _write(data / "big.png", big.getvalue())
+    _, analysis = _png(5)
+    _write(data / "a.json", json.dumps(analysis))
+    (tmp_path / "mondrian.yaml").write_text("max_image_pixels: 100000000\n")
+    db = open_db(tmp_path / "mondrian.db", create=True)
+    create_jobs_table(db)
+    db["jobs"].insert({"job_id": "big", "advisor": "photo-critic", "status": "completed",
+                       "image_path": "big.png", "analysis_path": "a.json"})
+    db.conn.close()
+    ws = load_workspace(tmp_path)
+    assert _rows(link_workspace(ws, progress=False))[0]["status"] == "linked"
+    (tmp_path / "mondrian.yaml").write_text("max_image_pixels: 90000000\n")
+    row = _rows(link_workspace(load_workspace(tmp_path), progress=False))[0]
+    assert row["reason"] == "image_too_large" and "90,000,000" in row["detail"]
+
+
+def test_a_killed_runs_temporary_folders_are_removed_next_time(hostile):
+    ws, _ = hostile
+    dead = _dead_pid()
+    stale = ws.path(".") / f".manifest.tmp-{dead}-abc"
+    live = ws.path(".") / f".manifest.tmp-{os.getppid()}-xyz"  # a writer that is still running
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "manifest.jsonl").write_text("half\n")
+    link_workspace(ws, progress=False)
+    assert not stale.exists() and live.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid  # reaped: no process has this pid now (until the system reuses it)
 
 
 def test_column_mapping_reads_a_foreign_schema(tmp_path):

@@ -38,7 +38,7 @@ def write_text_atomic(path: str | Path, text: str, *, durable: bool = False) -> 
     its folder (registry state must survive a power loss; a report need not)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -54,6 +54,33 @@ def write_text_atomic(path: str | Path, text: str, *, durable: bool = False) -> 
         fsync_dir(path.parent)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove the temporary siblings of `target` that a killed writer left behind: those whose
+    name carries the pid of a process that is gone. A live writer's folder (ours or another
+    run's) is never touched; a folder named without a pid is left alone. The removed paths."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name[len(f".{target.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def swap_in(tmp: Path, target: Path) -> None:
     """Replace `target` with `tmp`. An existing target is renamed aside first and removed
     after; if the second rename fails the old target is put back."""
@@ -62,7 +89,7 @@ def swap_in(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.replace(tmp, target)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
     os.replace(target, trash / "old")
     try:
         os.replace(tmp, target)
@@ -80,7 +107,8 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     and the temporary folder is removed (or left hidden, dot-prefixed, after a kill)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is ordinary output

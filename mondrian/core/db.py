@@ -140,13 +140,29 @@ def read_jobs(db: sqlite_utils.Database, table: str = "jobs",
     if absent:
         raise DBError(f"the column mapping must name {', '.join(absent)}")
     select = ", ".join(f'"{v}" AS "{k}"' for k, v in mapping.items())
-    cursor = db.execute(f'SELECT rowid AS _rowid, {select} FROM "{table}" ORDER BY rowid')
-    names = [d[0] for d in cursor.description]
-    for row in cursor:
-        job = dict(zip(names, row, strict=True))
-        for key in JOB_COLUMNS:
-            job.setdefault(key, None)
-        yield job
+    # TEXT arrives as bytes and is decoded here: sqlite3's own decoding raises on the first
+    # invalid UTF-8 value and would end the whole read. A value that is not UTF-8 stays bytes,
+    # for the linker to reject as that one job's problem.
+    saved, db.conn.text_factory = db.conn.text_factory, bytes
+    try:
+        cursor = db.execute(f'SELECT rowid AS _rowid, {select} FROM "{table}" ORDER BY rowid')
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            job = dict(zip(names, map(_text, row), strict=True))
+            for key in JOB_COLUMNS:
+                job.setdefault(key, None)
+            yield job
+    finally:
+        db.conn.text_factory = saved
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
 
 
 def count_jobs(db: sqlite_utils.Database, table: str = "jobs") -> int:

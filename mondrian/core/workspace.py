@@ -20,6 +20,7 @@ class Workspace:
     completed_status: list[str] = field(default_factory=lambda: ["completed"])
     advisors_dir: str = "advisors"  # extra advisor contracts (YAML), optional
     max_image_pixels: int = 40_000_000  # larger images are refused as decompression bombs
+    max_image_bytes: int = 64 * 1024 * 1024  # larger image files are refused unread
     max_analysis_bytes: int = 1_000_000  # larger analysis files are refused unread
     root: str = "."  # set by the loader: the folder of mondrian.yaml
 

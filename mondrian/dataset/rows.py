@@ -51,7 +51,8 @@ class _Input:
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line_no, row in read_jsonl(path, DatasetError):
-        if not isinstance(row, dict) or not isinstance(row.get("job_id"), str):
+        # a rejected row may lack an id (that is why it was rejected); a linked one may not
+        if not isinstance(row, dict) or (row.get("status") != "rejected" and not isinstance(row.get("job_id"), str)):
             raise DatasetError(f"{path}:{line_no}: a manifest row must be an object "
                                "with a string job_id")
         rows.append(row)

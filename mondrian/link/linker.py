@@ -17,6 +17,8 @@ import io
 import json
 import math
 import os
+import re
+import stat
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,7 @@ from mondrian.core.atomic import atomic_folder
 from mondrian.core.contracts import Advisor, load_advisors, loads_strict
 from mondrian.core.db import connect, count_jobs, create_link_cache_tables, open_db, read_jobs
 from mondrian.core.workspace import Workspace
+from mondrian.link.files import FileProblem, file_stat, pil_pixel_limit, read_regular
 
 # Reason codes, in the order the checks run. One job, one reason: the first that applies.
 REASONS = {
@@ -41,16 +44,21 @@ REASONS = {
     "input_invalid": "the input text is not UTF-8 text",
     "path_outside_root": "a path resolves outside the data root (traversal, absolute path, symlink)",
     "image_missing": "the image file does not exist",
-    "image_unreadable": "the image is empty, truncated, corrupt or not an image",
+    "image_unreadable": "the image is not a readable regular file, or empty, truncated, corrupt, not an image",
+    "image_file_too_large": "the image file is larger than max_image_bytes (refused unread)",
     "image_too_large": "the image declares more pixels than allowed (decompression bomb)",
     "image_hash_mismatch": "the image's sha256 differs from the one production recorded",
     "analysis_missing": "no analysis inline or on disk",
+    "analysis_unreadable": "the analysis path is not a readable regular file (FIFO, socket, loop, bad name)",
     "analysis_too_large": "the analysis is larger than allowed",
     "invalid_json": "the analysis is not a UTF-8 JSON object",
     "contract_violation": "the analysis breaks the advisor's JSON Schema",
     "duplicate": "same input and same answer as an earlier linked job",
     "duplicate_conflict": "same input as an earlier linked job but a different answer",
+    "internal_error": "mondrian failed on this record (a bug: please report the detail); the run went on",
 }
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class Reject(Exception):
@@ -164,14 +172,16 @@ class Linker:
     # -- images --------------------------------------------------------------------------------
     def image(self, rel: str, recorded_sha) -> tuple[str, str]:
         real = self.resolve(rel, "image")
+        label = f"image {rel!r}"
         try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise Reject("image_missing", f"image {rel!r} does not exist") from None
-        except OSError as exc:
-            raise Reject("image_unreadable", f"image {rel!r}: {exc}") from None
-        if not os.path.isfile(real):
-            raise Reject("image_unreadable", f"image {rel!r} is not a regular file")
+            st = file_stat(real, label)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileProblem("special", f"{label} is not a regular file")
+        except FileProblem as exc:
+            raise Reject("image_missing" if exc.kind == "missing" else "image_unreadable", exc.detail) from None
+        if st.st_size > self.ws.max_image_bytes:
+            raise Reject("image_file_too_large",
+                         f"{label} is {st.st_size:,} bytes (max_image_bytes {self.ws.max_image_bytes:,})")
         row = self.cache.image(real, st, self.ws.max_image_pixels)
         if row is None:
             row = (st.st_size, st.st_mtime_ns, *self._inspect(real, rel), self.ws.max_image_pixels)
@@ -187,23 +197,28 @@ class Linker:
     def _inspect(self, real: str, rel: str) -> tuple:
         """(sha256, width, height, reason, detail): hash the bytes, check the declared size
         before decoding anything (a bomb is refused unread), then decode fully."""
-        with open(real, "rb") as f:
-            data = f.read()
+        try:
+            data = read_regular(real, f"image {rel!r}", self.ws.max_image_bytes)
+        except FileProblem as exc:
+            reason = "image_file_too_large" if exc.kind == "too_large" else "image_unreadable"
+            return "", None, None, reason, exc.detail
         sha = hashlib.sha256(data).hexdigest()
         if not data:
             return sha, None, None, "image_unreadable", f"image {rel!r} is empty (0 bytes)"
         limit = self.ws.max_image_pixels
         try:
-            # Warnings as errors: PIL's own bomb warning fires at open, before any decoding.
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our header check refuses anything over the limit before decoding; Pillow's own
+            # check (an error at twice its MAX_IMAGE_PIXELS) stays as the backstop, set from
+            # our limit so that it never caps a larger max_image_pixels at Pillow's default.
+            with warnings.catch_warnings(), pil_pixel_limit(limit):
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data))
                 w, h = img.size  # from the header only
                 if w * h > limit:
                     return (sha, w, h, "image_too_large",
                             f"image {rel!r} declares {w}x{h} = {w * h:,} pixels (limit {limit:,})")
                 img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             return sha, None, None, "image_too_large", f"image {rel!r}: {exc}"
         except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
             return sha, None, None, "image_unreadable", f"image {rel!r}: {type(exc).__name__}: {exc}"
@@ -226,15 +241,11 @@ class Linker:
             real = self.resolve(rel, "analysis")
             where = f"analysis {rel!r}"
             try:
-                size = os.stat(real).st_size
-                if size > limit:
-                    raise Reject("analysis_too_large", f"{where} is {size:,} bytes (limit {limit:,})")
-                with open(real, "rb") as f:
-                    raw = f.read(limit + 1)
-            except FileNotFoundError:
-                raise Reject("analysis_missing", f"{where} does not exist") from None
-            except IsADirectoryError:
-                raise Reject("analysis_missing", f"{where} is a folder") from None
+                raw = read_regular(real, where, limit)
+            except FileProblem as exc:
+                reason = {"missing": "analysis_missing", "folder": "analysis_missing",
+                          "too_large": "analysis_too_large"}.get(exc.kind, "analysis_unreadable")
+                raise Reject(reason, exc.detail) from None
         else:
             raise Reject("analysis_missing", "the job has neither analysis_json nor analysis_path")
         try:
@@ -249,6 +260,12 @@ class Linker:
             raise Reject("invalid_json", f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise Reject("invalid_json", f"{where} is a JSON {type(obj).__name__}, not an object")
+        if _SURROGATE_ESCAPE.search(text):
+            try:  # a lone surrogate ("\\ud800") parses, but no UTF-8 file can hold it
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise Reject("invalid_json", f"{where} holds a lone surrogate {exc.object[exc.start]!r}, "
+                                             "which is not text") from None
         return obj, raw
 
     # -- one job -------------------------------------------------------------------------------
@@ -256,7 +273,7 @@ class Linker:
         job_id = job.get("job_id")
         if job_id is None or (isinstance(job_id, str) and not job_id.strip()):
             raise Reject("job_id_missing", f"row {job.get('_rowid')} has no job id")
-        key = str(job_id)
+        key = job_key(job_id)
         if key in self.seen_ids:
             raise Reject("duplicate_job_id", f"job id {job_id!r} appeared in an earlier row")
         self.seen_ids.add(key)
@@ -306,8 +323,15 @@ class Linker:
             kind = "duplicate" if first[1] == out_sha else "duplicate_conflict"
             raise Reject(kind, f"same input as job {first[0]!r}" + (" with a different answer"
                                                                      if kind == "duplicate_conflict" else ""))
-        self.seen_inputs[(advisor.name, group)] = (key, out_sha)
+        self.seen_inputs[(advisor.name, group)] = (str(job_id), out_sha)
         return {"input": inp, "output": output, "output_sha256": out_sha, "group": group}
+
+
+def job_key(job_id) -> str | None:
+    """The job id as the manifest writes it: text (an INTEGER id 7 becomes "7")."""
+    if job_id is None:
+        return None
+    return _json_safe(job_id) if isinstance(job_id, bytes) else str(job_id)
 
 
 def _json_safe(value):
@@ -316,6 +340,23 @@ def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def _outcome(linker: Linker, job: dict, safe: dict) -> tuple[dict, str]:
+    """The job's manifest row and JSON line: linked, or rejected with a reason. Nothing a
+    record holds may stop the run, so an unforeseen failure on one record is that record's
+    `internal_error`, with the exception named."""
+    try:
+        row = {**safe, "status": "linked", **linker.link(job)}
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        line.encode()  # strict UTF-8 here, so a string no file can hold is this record's problem
+        return row, line
+    except Reject as rej:
+        reason, detail = rej.reason, rej.detail
+    except Exception as exc:
+        reason, detail = "internal_error", f"{type(exc).__name__}: {str(exc)[:300]}"
+    row = {**safe, "status": "rejected", "reason": reason, "detail": detail}
+    return row, json.dumps(row) + "\n"  # ASCII: escapes whatever the detail quotes
 
 
 def link_workspace(ws: Workspace, out_dir: str | Path | None = None, advisors: list[str] | None = None,
@@ -341,20 +382,19 @@ def link_workspace(ws: Workspace, out_dir: str | Path | None = None, advisors: l
             for job in bar:
                 if advisors and job.get("advisor") not in advisors:
                     continue
-                safe = {k: _json_safe(job.get(k)) for k in ("job_id", "advisor")}
+                safe = {"job_id": job_key(job.get("job_id")), "advisor": _json_safe(job.get("advisor"))}
                 jobs_hash.update(json.dumps([_json_safe(v) for v in job.values()], default=str).encode())
-                try:
-                    row = {**safe, "status": "linked", **linker.link(job)}
-                    summary.linked += 1
-                except Reject as rej:
-                    row = {**safe, "status": "rejected", "reason": rej.reason, "detail": rej.detail}
-                    summary.rejected += 1
-                    summary.by_reason[rej.reason] = summary.by_reason.get(rej.reason, 0) + 1
+                row, line = _outcome(linker, job, safe)
                 summary.total += 1
                 per = summary.by_advisor.setdefault(str(safe["advisor"]), {"total": 0, "linked": 0, "rejected": 0})
                 per["total"] += 1
-                per["linked" if row["status"] == "linked" else "rejected"] += 1
-                line = json.dumps(row, ensure_ascii=False) + "\n"
+                if row["status"] == "linked":
+                    summary.linked += 1
+                    per["linked"] += 1
+                else:
+                    summary.rejected += 1
+                    per["rejected"] += 1
+                    summary.by_reason[row["reason"]] = summary.by_reason.get(row["reason"], 0) + 1
                 manifest_hash.update(line.encode())
                 mf.write(line)
             cache.save()
