@@ -37,6 +37,10 @@ class FakeService:
         self.registry = SimpleNamespace(list=lambda name: [SimpleNamespace(version="v1", aliases=("production",))])
         self.calls: list[tuple] = []
         self.closed = False
+        self.problem_list: list[str] = []
+
+    def problems(self) -> list[str]:
+        return self.problem_list
 
     async def answer(self, advisor, text, **kw) -> dict:
         self.calls.append(("answer", advisor, text, kw))
@@ -104,7 +108,7 @@ def test_routes_and_openapi_document(service):
 
 
 def test_public_routes_reach_the_service(client, service):
-    assert client.get("/health").json() == {"status": "ok", "advisors": ["adv"], "models": ["tiny"]}
+    assert client.get("/health").json() == {"status": "ok", "problems": [], "advisors": ["adv"], "models": ["tiny"]}
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids == ["adv", "adv@v1"]
     r = client.post("/v1/advisors/adv/analyze", json={"text": "solar", "user": "u", "max_tokens": 5, "version": "v1"})

@@ -201,6 +201,9 @@ def test_bad_input_gets_4xx_and_the_service_keeps_serving(served):
         (served.call("POST", f"/v1/advisors/{ADV}/analyze", {"text": "x", "max_tokens": 0}), 400, "max_tokens"),
         (served.call("POST", "/v1/chat/completions", {"model": ADV}), 400, "'messages' is required"),
         (served.call("POST", "/v1/chat/completions", {"model": ADV, "messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 0}), 400, "max_tokens 0"),
+        (served.call("POST", f"/v1/advisors/{ADV}/analyze", raw=b'{"text": "x \\ud800"}'), 400, "lone surrogate"),
+        (served.call("POST", "/v1/chat/completions", {"model": ADV, "messages": [{"role": "user", "content": "x"}],
                                                       "stream": True}), 400, "stream"),
         (served.call("POST", "/v1/chat/completions", {"model": "nope", "messages": []}), 404, "no such advisor"),
         (served.call("GET", "/admin/state"), 401, "Bearer"),
@@ -327,6 +330,36 @@ def test_service_without_any_adapter(tmp_path, tiny_llama, reference):
         assert body["text"] == reference[None][QUESTIONS[3]]
     finally:
         server.stop()
+
+
+def test_rows_it_cannot_keep_are_never_acknowledged(tmp_path, tiny_llama):
+    """A failing write is a JSON 503 and a log line; a database deleted under the running
+    service is noticed (on /health and per request), and no request gets a 200 after it."""
+    db = tmp_path / "m.db"
+    server = start_server(tmp_path, "--advisor", ADV, "--model", "tiny:llama", "--root", str(tmp_path / "empty"),
+                          "--db", str(db))
+    try:
+        assert server.ask(QUESTIONS[0], max_tokens=MAX_TOKENS)[0] == 200
+        with sqlite3.connect(db) as conn:  # every insert now fails inside SQLite
+            conn.execute("CREATE TRIGGER no BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        status, body = server.ask(QUESTIONS[1], max_tokens=MAX_TOKENS)
+        assert status == 503 and "could not be recorded" in body["error"]["message"], body
+        with sqlite3.connect(db) as conn:
+            conn.execute("DROP TRIGGER no")
+        assert server.ask(QUESTIONS[1], max_tokens=MAX_TOKENS)[0] == 200
+        db.unlink()  # what an operator's cleanup script did
+        deadline = time.time() + 10
+        while server.call("GET", "/health")[0] != 503:
+            assert time.time() < deadline, "the deleted database went unnoticed"
+            time.sleep(0.1)
+        health = server.call("GET", "/health")[1]
+        assert health["status"] == "error" and "was deleted" in health["problems"][0]
+        for q in QUESTIONS[:3]:
+            status, body = server.ask(q, max_tokens=MAX_TOKENS)
+            assert status == 503 and "deleted" in body["error"]["message"], body
+    finally:
+        server.stop()
+    assert "not recorded" in server.log.read_text()  # the log line for the failed write
 
 
 def test_text_advisors_decode_under_their_contract_by_default(tmp_path, tiny_llama):

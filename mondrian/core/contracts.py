@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -133,6 +134,22 @@ def loads_strict(text: str):
     """json.loads for advisor answers (production's and models'): NaN / Infinity and duplicate
     keys are errors (ValueError), not values that would slip past the schema."""
     return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicate_keys)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(text: str, obj: object) -> str | None:
+    """The first lone surrogate (as `\\udXXX`) in `obj`, parsed from the JSON `text`, or None.
+    JSON can escape one (`"\\ud800"`) but no UTF-8 text holds it, so SQLite, files and
+    tokenizers fail on it later: refuse it where it comes in. (A valid pair is a character.)"""
+    if not _SURROGATE_ESCAPE.search(text):
+        return None  # the common case costs one regex scan
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(exc.object[exc.start]):04x}"
+    return None
 
 
 def _load_case(path: Path, i: int, item: object, schema: dict, cls: type) -> Case:

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import re
 import stat
 import time
 import warnings
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 import mondrian
 from mondrian.core.atomic import atomic_folder
-from mondrian.core.contracts import Advisor, load_advisors, loads_strict
+from mondrian.core.contracts import Advisor, load_advisors, loads_strict, lone_surrogate
 from mondrian.core.db import connect, count_jobs, create_link_cache_tables, open_db, read_jobs
 from mondrian.core.workspace import Workspace
 from mondrian.link.files import FileProblem, file_stat, pil_pixel_limit, read_regular
@@ -57,8 +56,6 @@ REASONS = {
     "duplicate_conflict": "same input as an earlier linked job but a different answer",
     "internal_error": "mondrian failed on this record (a bug: please report the detail); the run went on",
 }
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class Reject(Exception):
@@ -260,12 +257,9 @@ class Linker:
             raise Reject("invalid_json", f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise Reject("invalid_json", f"{where} is a JSON {type(obj).__name__}, not an object")
-        if _SURROGATE_ESCAPE.search(text):
-            try:  # a lone surrogate ("\\ud800") parses, but no UTF-8 file can hold it
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise Reject("invalid_json", f"{where} holds a lone surrogate {exc.object[exc.start]!r}, "
-                                             "which is not text") from None
+        bad = lone_surrogate(text, obj)
+        if bad:
+            raise Reject("invalid_json", f"{where} holds a lone surrogate {bad}, which is not text")
         return obj, raw
 
     # -- one job -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 
 from mondrian.serve import http
 from mondrian.serve.errors import ServiceError
+from mondrian.serve.guards import BodyGuard, CatchAll
 from mondrian.serve.service import Service
 
 
@@ -29,7 +30,9 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     app.add_exception_handler(ServiceError, http.service_error_handler)
     app.add_exception_handler(RequestValidationError, http.validation_error_handler)
-    app.middleware("http")(http.limit_body)
+    # outermost last: CatchAll sees everything, including the body guard's refusals
+    app.add_middleware(BodyGuard, max_bytes=service.cfg.max_body_bytes, timeout_s=service.cfg.body_timeout_s)
+    app.add_middleware(CatchAll)
     app.include_router(http.router)
     app.include_router(http.admin_router)
     return app

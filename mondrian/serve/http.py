@@ -5,8 +5,8 @@ Public routes (`router`): `GET /health`, `GET /v1/models`, `POST /v1/advisors/{a
 (JSON or a multipart form with an image), `POST /v1/chat/completions` (OpenAI-compatible,
 greedy, non-streaming). Admin routes (`admin_router`, bearer token): `GET /admin/state`,
 `POST /admin/advisors/{advisor}/load|activate|rollback`, `POST /admin/reload`. Errors are
-OpenAI's error object (`errors.py`); bodies over `max_body_bytes` are refused from the
-Content-Length header alone (`limit_body`).
+OpenAI's error object (`guards.error_response`); body size and arrival time are bounded by
+`guards.BodyGuard`.
 """
 
 from __future__ import annotations
@@ -15,26 +15,19 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from mondrian.core.contracts import lone_surrogate
 from mondrian.serve.errors import ServiceError
+from mondrian.serve.guards import error_response
 from mondrian.serve.service import Service
 from mondrian.serve.uploads import data_url_bytes, read_analyze_form
 
 ANALYZE_FIELDS = ("max_tokens", "text", "user", "version")
-
-
-# Errors have OpenAI's shape (`{"error": {"message", "type", "code"}}`), so the openai
-# client raises a typed error that carries our message.
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
 async def service_error_handler(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -54,15 +47,6 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """HTTP middleware: a body announced larger than the limit is refused before it is read."""
-    limit = get_service(request).cfg.max_body_bytes
-    size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > limit):
-        return error_response(413, f"the body is {size} bytes; the limit is {limit}")
-    return await call_next(request)
-
-
 def require_admin(request: Request, service: ServiceDep) -> None:
     """Admin routes need `Authorization: Bearer <the service's admin token>`."""
     token = service.cfg.admin_token
@@ -79,17 +63,20 @@ admin_router = APIRouter(dependencies=[Depends(require_admin)])
 
 
 async def read_json(request: Request, service: Service) -> dict:
-    """The body as a JSON object (a streamed body over the limit is refused too)."""
+    """The body as a JSON object (BodyGuard bounds its size and arrival time)."""
     body = await request.body()
-    limit = service.cfg.max_body_bytes
-    if len(body) > limit:
-        raise ServiceError(413, f"the body is {len(body)} bytes; the limit is {limit}")
     try:
-        data = json.loads(body)
+        text = body.decode("utf-8")
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ServiceError(400, f"the body is not JSON ({exc})") from None
+    except RecursionError:
+        raise ServiceError(400, "the body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ServiceError(400, "the body must be a JSON object")
+    bad = lone_surrogate(text, data)
+    if bad:
+        raise ServiceError(400, f"the body holds a lone surrogate {bad}, which is not text")
     return data
 
 
@@ -108,9 +95,13 @@ def field(data: dict, name: str, kind: type | tuple[type, ...], required: bool =
 
 
 @router.get("/health")
-async def health(service: ServiceDep) -> dict:
-    return {"status": "ok", "advisors": sorted(service.served),
+async def health(service: ServiceDep) -> JSONResponse:
+    """200 when the service can answer and keep what it answers; 503 (with the problems) when
+    it cannot, so a load balancer or a supervisor takes it out of rotation."""
+    problems = service.problems()
+    body = {"status": "error" if problems else "ok", "problems": problems, "advisors": sorted(service.served),
             "models": [w.name for w in service.workers.values()]}
+    return JSONResponse(body, status_code=503 if problems else 200)
 
 
 @router.get("/v1/models")
@@ -174,7 +165,9 @@ async def chat(request: Request, service: ServiceDep) -> dict:
         raise ServiceError(400, "only greedy decoding is served (temperature 0): answers must be reproducible")
     if field(data, "n", int, default=1) != 1:
         raise ServiceError(400, "n must be 1")
-    max_tokens = field(data, "max_tokens", int) or field(data, "max_completion_tokens", int)
+    max_tokens = field(data, "max_tokens", int)  # 0 is refused as out of range, not read as unset
+    if max_tokens is None:
+        max_tokens = field(data, "max_completion_tokens", int)
     user = field(data, "user", str)
     advisor, _, pin = model.partition("@")
     if advisor not in service.served:

@@ -15,12 +15,19 @@ thread owns the connection; it drains everything queued, inserts it with one
 futures. The log belongs to one process: create it after any fork. The database is in
 WAL mode with `synchronous=NORMAL`: a committed row survives kill -9 of the process (not
 necessarily a power cut, which is not what we guard against).
+
+The database file must stay the one the log opened: SQLite keeps writing to a deleted (or
+renamed-over) file, and everything written after that is lost when the connection closes.
+So the writer compares the path's device and inode with the opened file's before every
+commit group and every `check_every_s` while idle; once they differ, `problem` says so, and
+every row from then on fails with `LogUnavailable` instead of being acknowledged.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import os
 import queue
 import re
 import sqlite3
@@ -164,6 +171,10 @@ def validate_row(row: dict) -> tuple:
 _STOP = object()
 
 
+class LogUnavailable(RuntimeError):
+    """The log cannot keep rows (its database file is gone or was replaced)."""
+
+
 class RequestLog:
     """Background, group-committing writer of `requests` rows (see the module docstring).
 
@@ -172,8 +183,10 @@ class RequestLog:
     """
 
     def __init__(self, db_path: str | Path | None = None, *, enabled: bool = True,
-                 max_batch: int = 5000):
+                 max_batch: int = 5000, check_every_s: float = 1.0):
         self.enabled = enabled
+        self.check_every_s = check_every_s
+        self.problem: str | None = None  # set once the database file is gone or replaced
         self.path = Path(db_path) if db_path is not None else None
         self.max_batch = max_batch
         self.commits = 0
@@ -188,6 +201,7 @@ class RequestLog:
         # From here on the connection is used by the writer thread only.
         self._conn = connect(self.path, create=True, autocommit=True, check_same_thread=False)
         create_request_tables(self._conn)
+        self._identity = self._file_identity()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mondrian-request-log", daemon=True)
         self._thread.start()
@@ -246,6 +260,24 @@ class RequestLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check(self) -> str | None:
+        """Why the log cannot keep rows (its file was deleted or replaced), or None. Sticky:
+        rows written to the old file since then are lost, so the log never recovers."""
+        if self.enabled and self.problem is None:
+            now = self._file_identity()
+            if now is None:
+                self.problem = f"the request database {self.path} was deleted while the service ran"
+            elif now != self._identity:
+                self.problem = f"the request database {self.path} was replaced while the service ran"
+        return self.problem
+
     # --- the writer thread ---
 
     def _run(self) -> None:
@@ -253,7 +285,11 @@ class RequestLog:
             stop = False
             while not stop:
                 batch = []
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=self.check_every_s)
+                except queue.Empty:
+                    self.check()  # on a schedule, so /health knows without traffic
+                    continue
                 while True:
                     if item is _STOP:
                         stop = True
@@ -277,6 +313,8 @@ class RequestLog:
         if rows:
             conn = self._conn
             try:
+                if self.check():
+                    raise LogUnavailable(self.problem)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.executemany(_INSERT, [values for values, _ in rows])
@@ -287,6 +325,8 @@ class RequestLog:
                     conn.execute("BEGIN IMMEDIATE")
                     failed = self._insert_each(rows)
                 conn.execute("COMMIT")
+                if self.check():  # deleted while we wrote: the rows went to an unlinked file
+                    raise LogUnavailable(self.problem)
             except Exception as exc:  # noqa: BLE001 - every future must learn the outcome
                 if conn.in_transaction:
                     try:

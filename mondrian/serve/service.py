@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 import time
 import uuid
@@ -44,8 +45,10 @@ from mondrian.serve.errors import ServiceError
 from mondrian.serve.prompts import Prompts
 from mondrian.serve.requests_log import RequestLog, now_iso, record_routing
 from mondrian.serve.routing import AdvisorRoute, Arm, Plan, ResolvedArm, RoutingConfig, load_routing
-from mondrian.serve.uploads import image_sha256
+from mondrian.serve.uploads import checked_input
 from mondrian.serve.vision import VisionWorker
+
+log = logging.getLogger("mondrian.serve")
 
 # spec -> (name, folder, fingerprint); given by the CLI (mondrian.models.sources.resolve) or a test
 ModelResolver = Callable[[str], tuple[str, Path, str]]
@@ -60,6 +63,7 @@ class ServiceConfig:
     model: str | None = None  # default base model spec
     admin_token: str | None = None
     max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0  # a body must arrive whole within this (slow clients get a 408)
     max_input_chars: int = 4000
     max_prompt_tokens: int = 1024
     max_batch: int = 8
@@ -349,8 +353,11 @@ class Service:
         advisors take `image` (the uploaded bytes) and optional `text` beside it."""
         t0, received = time.perf_counter(), now_iso()
         served = self.serving(advisor)
+        if self.log.problem:  # known already: refuse before spending a decode on it
+            raise ServiceError(503, f"{self.log.problem}; requests are refused until the service restarts")
         vision = isinstance(served.worker, VisionWorker)
-        text, image_key = await self._checked_input(advisor, vision, text, image, max_tokens)
+        text, image_key = await checked_input(advisor, vision, text, image, max_tokens, self.cfg.max_input_chars,
+                                              user=user, pin=pin)
         plan, worker = served.plan, served.worker
         raw_key = {"user": user, "image": image_key}.get(plan.sticky)
         sticky_key = hashlib.sha256(raw_key.encode()).hexdigest() if raw_key and plan.sticky == "user" else raw_key
@@ -379,7 +386,7 @@ class Service:
         }
         if plan.shadow and pin is None:
             self._shadow(served, plan, request_id, prompts, limit, received, sticky_key)
-        await asyncio.wrap_future(self.log.submit(row))  # committed before the answer leaves
+        await self._record(row)  # committed before the answer leaves
         if final is None:
             raise ServiceError(500, f"{advisor}: generation failed ({out.error}); request {request_id}")
         return {"request_id": request_id, "advisor": advisor, "arm": arm.name,
@@ -389,24 +396,20 @@ class Service:
                 "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generation.tokens,
                           "total_tokens": final.prompt_tokens + final.generation.tokens}}
 
-    async def _checked_input(self, advisor: str, vision: bool, text: str | None, image: bytes | None,
-                             max_tokens: int | None) -> tuple[str, str | None]:
-        """The request's text ("" for none) and its image's sha256, after the input checks."""
-        if vision and image is None:
-            raise ServiceError(400, f"advisor {advisor} takes an image: upload it as the multipart field 'image' "
-                                    "(or an image_url data URL in a chat message)")
-        # decoding checks the image off the event loop (a large one takes a while)
-        image_key = await asyncio.to_thread(image_sha256, image) if image is not None else None
-        if not vision and image is not None:  # corrupt bytes got their own 400 first
-            raise ServiceError(400, f"advisor {advisor} takes text; send the question as 'text', not an image")
-        text = text or ""
-        if not isinstance(text, str) or (not vision and not text.strip()):
-            raise ServiceError(400, "the input text is empty")
-        if len(text) > self.cfg.max_input_chars:
-            raise ServiceError(413, f"input text is {len(text)} characters; the limit is {self.cfg.max_input_chars}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096):
-            raise ServiceError(400, f"max_tokens {max_tokens!r} must be an integer in 1..4096")
-        return text, image_key
+    def problems(self) -> list[str]:
+        """What keeps the service from answering and keeping what it answers (for /health)."""
+        problem = self.log.check()
+        return [problem] if problem else []
+
+    async def _record(self, row: dict) -> None:
+        """Commit the request's row, or refuse the request: an answer the log cannot keep is
+        not acknowledged (503, and a log line, never a 200 for a lost row)."""
+        try:
+            await asyncio.wrap_future(self.log.submit(row))
+        except Exception as exc:  # noqa: BLE001 - any row the log cannot keep (SQLite error, file gone)
+            log.error("request %s not recorded: %s: %s", row["request_id"], type(exc).__name__, exc)
+            raise ServiceError(503, f"request {row['request_id']} could not be recorded "
+                                    f"({type(exc).__name__}: {exc}); its answer is withheld") from None
 
     async def _arm(self, served: Served, pin: str | None, raw_key: str | None) -> ResolvedArm:
         """The arm a request is assigned (by its sticky key), or the version it pins (loaded now)."""

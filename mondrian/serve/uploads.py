@@ -1,8 +1,10 @@
-"""Image uploads: an `analyze` request's multipart form, an OpenAI `image_url` data URL, and
-the check that the bytes are a readable image (whose sha256 is the `image` sticky key)."""
+"""What a request carries: an `analyze` request's multipart form, an OpenAI `image_url` data
+URL, the check that image bytes are a readable image (whose sha256 is the `image` sticky key),
+and the checks every input passes before any decoding (`checked_input`)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -36,6 +38,8 @@ async def read_analyze_form(request: Request) -> AnalyzeForm:
     `image` file; at least a text or an image."""
     try:
         form = await request.form()
+    except ServiceError:
+        raise  # the body guard's 408 / 413
     except Exception as exc:  # noqa: BLE001 - the multipart parser raises many kinds
         raise ServiceError(400, f"malformed multipart body ({exc})") from None
     text, user, pin = form.get("text"), form.get("user"), form.get("version")
@@ -80,3 +84,33 @@ def data_url_bytes(image_url: object, where: str) -> bytes:
         return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ServiceError(400, f"{where}: image_url is not valid base64 ({exc})") from None
+
+
+async def checked_input(advisor: str, vision: bool, text: str | None, image: bytes | None,
+                        max_tokens: int | None, max_input_chars: int, **strings: str | None
+                        ) -> tuple[str, str | None]:
+    """The request's text ("" for none) and its image's sha256, after the input checks.
+    `strings` (user, pin...) must be text too: a lone surrogate is a 400 here, not a 500 when
+    the row is written."""
+    if vision and image is None:
+        raise ServiceError(400, f"advisor {advisor} takes an image: upload it as the multipart field 'image' "
+                                "(or an image_url data URL in a chat message)")
+    # decoding checks the image off the event loop (a large one takes a while)
+    image_key = await asyncio.to_thread(image_sha256, image) if image is not None else None
+    if not vision and image is not None:  # corrupt bytes got their own 400 first
+        raise ServiceError(400, f"advisor {advisor} takes text; send the question as 'text', not an image")
+    text = text or ""
+    if not isinstance(text, str) or (not vision and not text.strip()):
+        raise ServiceError(400, "the input text is empty")
+    for name, value in {"text": text, **strings}.items():
+        try:
+            if value is not None:
+                value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ServiceError(400, f"'{name}' holds a lone surrogate \\u{ord(value[exc.start]):04x}, "
+                                    "which is not text") from None
+    if len(text) > max_input_chars:
+        raise ServiceError(413, f"input text is {len(text)} characters; the limit is {max_input_chars}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096):
+        raise ServiceError(400, f"max_tokens {max_tokens!r} must be an integer in 1..4096")
+    return text, image_key
