@@ -77,10 +77,11 @@ class ServeProcess:
         stamp = f"{name}-{time.monotonic_ns()}"
         self.ready_file, self.log, self.token, self.timeout = tmp / f"{stamp}.port", tmp / f"{stamp}.log", token, timeout
         cmd = [sys.executable, "-m", "mondrian.cli", "serve", "--port", "0", "--ready-file", str(self.ready_file),
-               *(["--admin-token", token] if token else []),
                *([] if constrained or "--unconstrained" in args else ["--unconstrained"]), *args]
+        env = {k: v for k, v in os.environ.items() if k != "MONDRIAN_ADMIN_TOKEN"}
+        # the token goes by the environment, as --help advises: on the command line `ps` shows it
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     env=dict(os.environ))
+                                     env=env | ({"MONDRIAN_ADMIN_TOKEN": token} if token else {}))
         if wait:
             self.ready()
 

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mondrian.serve.app import create_app
+from mondrian.serve.config import ServiceConfig
 from mondrian.serve.errors import ServiceError
-from mondrian.serve.service import ServiceConfig
 
 TOKEN = "tok"
 ROUTES = {

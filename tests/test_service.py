@@ -417,3 +417,34 @@ def test_image_helper_accepts_real_images():
     assert len(image_sha256(buf.getvalue())) == 64
     with pytest.raises(ServiceError, match="empty"):
         image_sha256(b"")
+
+
+def test_versions_a_plan_serves_are_never_evicted(tmp_path, registry, reference):
+    """With two slots and a plan on v1 and v2, a pinned v3 cannot push either out (409), every
+    routed request is still answered by its own version, and a plan that needs three versions
+    is refused while the old one keeps serving. The token comes from --admin-token-file."""
+    Registry(registry).set_alias(ADV, "production", "v1")
+    routing = tmp_path / "routing.yaml"
+    write_routing(routing, arms=[{"name": "control", "version": "production", "weight": 1},
+                                 {"name": "candidate", "version": "v2", "weight": 1}])
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    server = Server(tmp_path, "--routing", str(routing), "--root", str(registry), "--db", "",
+                    "--max-versions", "2", "--admin-token-file", str(tmp_path / "token"), timeout=120)
+    try:
+        status, body = server.ask(QUESTIONS[0], version="v3")
+        assert status == 409 and "no free slot" in body["error"]["message"], body
+        for i, q in enumerate(QUESTIONS):
+            status, body = server.ask(q, user=f"user-{i}")
+            assert status == 200 and body["version"] in ("v1", "v2"), body
+            assert body["text"] == reference[body["version"]][q]
+        write_routing(routing, arms=[{"name": "control", "version": "production", "weight": 1},
+                                     {"name": "candidate", "version": "v2", "weight": 1}], shadow="v3")
+        deadline = time.time() + 30
+        while server.call("GET", "/admin/state", token=TOKEN)[1]["last_reload"].get("ok") is not False:
+            assert time.time() < deadline, "the routing change was not picked up"
+            time.sleep(0.1)
+        assert "the limit is 2" in server.call("GET", "/admin/state", token=TOKEN)[1]["last_reload"]["error"]
+        status, body = server.ask(QUESTIONS[1], user="after")
+        assert status == 200 and body["text"] == reference[body["version"]][QUESTIONS[1]]
+    finally:
+        assert server.stop() == 0

@@ -79,6 +79,25 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(fit_data, tmp_path):
     assert not mx.allclose(a[next(iter(a))], mx.zeros_like(a[next(iter(a))])).item()
 
 
+def test_resume_with_gradient_accumulation_is_exact(fit_data, tmp_path):
+    """Accumulating 2 steps per update, with saves asked for at odd steps: checkpoints land on
+    update boundaries only, so a run stopped (as a kill would) and resumed ends where an
+    uninterrupted one does."""
+    _, data = fit_data
+    kw = {"iters": 11, "grad_accumulation_steps": 2, "save_every": 3, "steps_per_eval": 100,
+          "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    train(load_config(_config(tmp_path / "a", data, **kw)), progress=False)
+    cfg = load_config(_config(tmp_path / "b", data, **kw))
+    assert train(cfg, progress=False, stop_after=5).status == "interrupted"
+    saved = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert saved == ["step-0000004"]  # asked at 3, written at the boundary after it
+    assert train(cfg, resume=True, progress=False).steps == 11
+    a, b = _weights(tmp_path / "a" / "run" / "last"), _weights(tmp_path / "b" / "run" / "last")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=1e-6).item(), k
+
+
 def test_best_adapter_and_run_record(fit_data, tmp_path):
     root, data = fit_data
     result = train(load_config(_config(tmp_path, data, iters=16, steps_per_eval=4)), progress=False)

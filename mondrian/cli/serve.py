@@ -12,8 +12,9 @@ import click
 from mondrian.cli.common import ROOT_OPTION, base_model, echo_json, fail
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import load_advisors
+from mondrian.serve.config import ServiceConfig
 from mondrian.serve.errors import ServiceError
-from mondrian.serve.service import Service, ServiceConfig
+from mondrian.serve.service import Service
 
 
 def _resolve_model(spec: str) -> tuple[str, str, str]:
@@ -36,10 +37,15 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int, help="0 = any free port.")
 @click.option("--admin-token", envvar="MONDRIAN_ADMIN_TOKEN",
-              help="Bearer token for /admin [$MONDRIAN_ADMIN_TOKEN]; "
-                   "without one the admin endpoints are off.")
+              help="Bearer token for /admin. Prefer $MONDRIAN_ADMIN_TOKEN or --admin-token-file: "
+                   "a token on the command line shows in `ps`. Without one the admin endpoints are off.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False, exists=True),
+              help="Read the admin token from this file (its first line).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Requests decoded together.")
+@click.option("--max-versions", default=8, show_default=True, type=click.IntRange(min=1),
+              help="LoRA versions loaded per base model. Versions a routing plan serves are never "
+                   "evicted; a plan that needs more is refused (409).")
 @click.option("--ready-file", type=click.Path(dir_okay=False),
               help="Write the port here once listening.")
 @click.option("--unconstrained", is_flag=True,
@@ -47,14 +53,22 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
                    "contract's JSON-Schema grammar (lists unique and capped).")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
           db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
-          max_batch: int, ready_file: str | None, unconstrained: bool) -> None:
+          admin_token_file: str | None, max_batch: int, max_versions: int, ready_file: str | None,
+          unconstrained: bool) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
     from mondrian.serve.app import run_server  # noqa: PLC0415 - heavy: fastapi + uvicorn
 
+    if admin_token and admin_token_file:
+        raise click.UsageError("give the admin token one way: --admin-token or --admin-token-file")
+    if admin_token_file:
+        lines = Path(admin_token_file).read_text(encoding="utf-8").splitlines()
+        admin_token = lines[0].strip() if lines else ""
+        if not admin_token:
+            raise click.ClickException(f"{admin_token_file}: the admin token file is empty")
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
                         advisors=list(advisors), model=model_spec, admin_token=admin_token,
-                        max_batch=max_batch, constrained=not unconstrained)
+                        max_batch=max_batch, max_versions=max_versions, constrained=not unconstrained)
     service = Service(cfg, _resolve_model, load_advisors())
     try:
         service.start()
@@ -101,7 +115,7 @@ def _admin_call(url: str, token: str | None, method: str, path: str,
 URL_OPTION = click.option("--url", default="http://127.0.0.1:8000", show_default=True,
                           envvar="MONDRIAN_URL", help="The service [$MONDRIAN_URL].")
 TOKEN_OPTION = click.option("--token", envvar="MONDRIAN_ADMIN_TOKEN",
-                            help="Admin token [$MONDRIAN_ADMIN_TOKEN].")
+                            help="Admin token; prefer $MONDRIAN_ADMIN_TOKEN (a token on the command line shows in `ps`).")
 
 
 @click.group()

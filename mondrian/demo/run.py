@@ -33,8 +33,9 @@ from mondrian.models.sources import ModelCard, resolve
 from mondrian.registry.records import Version
 from mondrian.registry.store import Registry
 from mondrian.serve.app import run_server
+from mondrian.serve.config import ServiceConfig
 from mondrian.serve.routing import AdvisorRoute, Arm
-from mondrian.serve.service import Service, ServiceConfig
+from mondrian.serve.service import Service
 from mondrian.train.config import load_config
 from mondrian.train.loop import TrainResult
 from mondrian.train.run import train

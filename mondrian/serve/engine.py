@@ -131,6 +131,23 @@ class ModelThread:
             item.future.set_exception(exc)
 
 
+Key = tuple[str, str]  # (advisor, version)
+
+
+def make_room(versions: dict, max_versions: int, key: Key, keep: set[Key]) -> None:
+    """Before loading `key`: refuse (EngineError) when every slot holds a version a routing
+    plan serves, rather than evict one of those (its requests would fail until the next plan)."""
+    if key not in versions and len(versions) >= max_versions and all(k in keep for k in versions):
+        raise EngineError(f"no free slot for {key[0]} {key[1]}: all {max_versions} hold versions the routing "
+                          "plans serve (start the service with a larger --max-versions)")
+
+
+def over_limit(versions: dict, max_versions: int, keep: set[Key]) -> list[Key]:
+    """The oldest loaded versions to forget to get back to `max_versions`, never a kept one."""
+    spare = sorted((k for k in versions if k not in keep), key=lambda k: versions[k].loaded_at)
+    return spare[:max(0, len(versions) - max_versions)]
+
+
 class ModelWorker(ModelThread):
     """One base model and its LoRA versions, owned by one thread."""
 
@@ -139,6 +156,7 @@ class ModelWorker(ModelThread):
         self.name, self.path, self.fingerprint = name, Path(path), fingerprint
         self.max_batch, self.max_versions = max_batch, max_versions
         self.versions: dict[tuple[str, str], LoadedVersion] = {}
+        self.keep: Callable[[], set[Key]] = set  # what the routing plans serve: never evicted
         self.rows = RowSlots()
         self._layers: dict[str, SlotLoRALinear] = {}  # qualified Linear name -> its slot layer
         self.batches = 0  # batches opened (requests of any version join a running one)
@@ -323,6 +341,7 @@ class ModelWorker(ModelThread):
                 f"tensors with no LoRA layer: {', '.join(unknown[:3])}" if unknown else "",
                 f"LoRA layers with no tensor: {', '.join(missing[:3])}" if missing else ""])))
         key = (advisor, version)
+        make_room(self.versions, self.max_versions, key, self.keep())
         old = self.versions.get(key)
         used = {v.slot for k, v in self.versions.items() if k != key}
         slot = old.slot if old else next(s for s in range(1, len(self.versions) + 2) if s not in used)
@@ -340,8 +359,7 @@ class ModelWorker(ModelThread):
             raise
         self.versions[key] = loaded
         self.loads += 1
-        while len(self.versions) > self.max_versions:  # forget the oldest loaded
-            oldest = min(self.versions, key=lambda k: self.versions[k].loaded_at)
+        for oldest in over_limit(self.versions, self.max_versions, self.keep() | {key}):
             self._unload(oldest)
         return loaded
 

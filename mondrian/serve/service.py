@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mondrian.core.config import ConfigError
@@ -40,6 +40,7 @@ from mondrian.models.constrained import SchemaConstraint
 from mondrian.models.generation import GenerationError
 from mondrian.registry.records import RegistryError
 from mondrian.registry.store import Registry
+from mondrian.serve.config import ServiceConfig
 from mondrian.serve.engine import Answer, EngineError, ModelWorker
 from mondrian.serve.errors import ServiceError
 from mondrian.serve.prompts import Prompts
@@ -52,23 +53,6 @@ log = logging.getLogger("mondrian.serve")
 
 # spec -> (name, folder, fingerprint); given by the CLI (mondrian.models.sources.resolve) or a test
 ModelResolver = Callable[[str], tuple[str, Path, str]]
-
-
-@dataclass
-class ServiceConfig:
-    registry_root: str | Path | None = None
-    db_path: str | Path | None = None  # requests log; None = not recorded
-    routing_path: str | Path | None = None
-    advisors: list[str] = field(default_factory=list)  # served with the default route if not in the file
-    model: str | None = None  # default base model spec
-    admin_token: str | None = None
-    max_body_bytes: int = 8 << 20
-    body_timeout_s: float = 30.0  # a body must arrive whole within this (slow clients get a 408)
-    max_input_chars: int = 4000
-    max_prompt_tokens: int = 1024
-    max_batch: int = 8
-    poll_s: float = 0.5
-    constrained: bool = True  # text advisors decode under their contract's grammar
 
 
 @dataclass
@@ -107,6 +91,7 @@ class Service:
         self.served: dict[str, Served] = {}
         self._constraints: dict[tuple[str, str], SchemaConstraint] = {}
         self._indexes: dict[tuple[str, str], RetrievalIndex | None] = {}  # (advisor, version)
+        self._pending: set[tuple[str, str]] = set()  # a plan's versions while apply() loads them
         self.routing = RoutingConfig()
         self.routing_mtime: float | None = None
         self.last_reload: dict = {}
@@ -175,8 +160,10 @@ class Service:
             name, path, fingerprint = self.resolve_model(spec)
             worker = self.workers.get(fingerprint)
             if worker is None:
-                worker = (VisionWorker(name, path, fingerprint) if vision
-                          else ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch))
+                worker = (VisionWorker(name, path, fingerprint, max_versions=self.cfg.max_versions) if vision
+                          else ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch,
+                                           max_versions=self.cfg.max_versions))
+                worker.keep = lambda w=worker: self._kept(w)
                 try:
                     worker.wait_ready(600)
                 except EngineError as exc:
@@ -224,14 +211,33 @@ class Service:
             worker = self._worker(spec, vision=contract.input_kind == "image")
             plan = Plan(advisor, arms, self._ref(advisor, route.shadow), route.sticky, route.fallback,
                         fallback_version, route.max_tokens)
-            for version in sorted(plan.versions()):
-                self.ensure_loaded(advisor, version, worker)
+            needed = {(advisor, v) for v in plan.versions() | {production} if v}
+            others = self._kept(worker, but=advisor)
+            if len(needed | others) > worker.max_versions:
+                raise ServiceError(409, f"{advisor}: the plan needs {len(needed | others)} versions loaded on "
+                                        f"{worker.name} ({len(needed)} its own); the limit is {worker.max_versions} "
+                                        "(start the service with a larger --max-versions)")
+            self._pending = needed  # kept while they load, before the plan is in self.served
+            try:
+                for version in sorted(plan.versions()):
+                    self.ensure_loaded(advisor, version, worker)
+            finally:
+                self._pending = set()
             if self.cfg.db_path:
                 record_routing(self.cfg.db_path, plan.routing_id, advisor, plan.describe())
             self.served[advisor] = Served(plan, worker, contract, route, self._constraint(contract, worker))
             self._event("plan", advisor=advisor, routing_id=plan.routing_id,
                         arms={a.name: a.version or "base" for a in arms})
             return plan
+
+    def _kept(self, worker: ModelWorker | VisionWorker, but: str | None = None) -> set[tuple[str, str]]:
+        """The versions a worker must keep loaded: every version a served plan routes to (arms,
+        shadow, fallback) and each advisor's production, plus a plan being applied."""
+        kept = set(self._pending) if but is None else set()
+        for name, s in list(self.served.items()):
+            if s.worker is worker and name != but:
+                kept |= {(name, v) for v in s.plan.versions() | {self._production(name)} if v}
+        return kept
 
     def _constraint(self, contract: Advisor, worker: ModelWorker | VisionWorker) -> SchemaConstraint | None:
         """The advisor's grammar on the worker's tokenizer, built once (~2 s) and kept; lists

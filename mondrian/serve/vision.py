@@ -46,8 +46,11 @@ from mondrian.serve.engine import (
     Answer,
     Control,
     EngineError,
+    Key,
     LoadedVersion,
     ModelThread,
+    make_room,
+    over_limit,
     read_version,
 )
 
@@ -91,6 +94,7 @@ class VisionWorker(ModelThread):
         self.name, self.path, self.fingerprint = name, Path(path), fingerprint
         self.max_versions = max_versions
         self.versions: dict[tuple[str, str], LoadedVersion] = {}
+        self.keep: Callable[[], set[Key]] = set  # what the routing plans serve: never evicted
         self.active: tuple[str, str] | None = None
         self.layout: LoraLayout | None = None
         self.swaps = 0
@@ -349,6 +353,7 @@ class VisionWorker(ModelThread):
         where = f"{advisor} {version} ({path})"
         config, arrays, layout, scale = read_version(path, where)
         self._check_base_quantization(config, where)
+        make_room(self.versions, self.max_versions, key, self.keep())
         previous_active, previous_layout = self.active, self.layout
         replaced = self.versions.get(key)
         # A slot number per version (0 = the base), as the text engine reports them; here it is
@@ -373,9 +378,8 @@ class VisionWorker(ModelThread):
             self._restore(previous_active, previous_layout)
             raise
         self._restore(previous_active, previous_layout)
-        while len(self.versions) > self.max_versions:  # forget the oldest loaded, never the active
-            oldest = min((k for k in self.versions if k != self.active), key=lambda k: self.versions[k].loaded_at)
-            del self.versions[oldest]
+        for oldest in over_limit(self.versions, self.max_versions, self.keep() | {key, self.active}):
+            del self.versions[oldest]  # the oldest loaded, never the active one or a kept one
         return loaded
 
     def _check_tensors(self, arrays: dict, where: str) -> None:

@@ -273,6 +273,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                disable=not progress, dynamic_ncols=True)
     window = _window()
     last_train_loss, status, error, stopped_early, step = None, "completed", None, False, start
+    want_save = False
 
     def result(status: str) -> TrainResult:
         secs = state["train_seconds"]
@@ -300,26 +301,34 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                 if step % cfg.steps_per_report == 0 or step == cfg.iters:
                     last_train_loss = _report(session, window, step, optimizer, bar)
                     window = _window()
+                # Checkpoints only at update boundaries: mid-accumulation the partial gradient
+                # lives in memory only, and a resume from there would not repeat the run. A save
+                # asked for in between (save_every, a signal, early stopping) waits for the next.
+                boundary = step % cfg.grad_accumulation_steps == 0 or step == cfg.iters
                 # a SIGINT/SIGTERM validates the step it stops at, so the adapter kept as the
                 # best is never one only step 0 was measured against
-                if step % cfg.steps_per_eval == 0 or step == cfg.iters or interrupt.hit:
+                if step % cfg.steps_per_eval == 0 or step == cfg.iters or (interrupt.hit and boundary):
                     _evaluate(session, out, hooks, bar, step)
                     window["t"] = time.perf_counter()  # evaluation time is not training throughput
                     if (cfg.early_stopping_patience
                             and state["evals_without_improvement"] >= cfg.early_stopping_patience):
                         stopped_early = True
-                if step % cfg.save_every == 0 or step == cfg.iters or stopped_early or interrupt.hit:
+                want_save = want_save or step % cfg.save_every == 0 or stopped_early or interrupt.hit
+                if stop_after is not None and step - start >= stop_after:  # as a kill would: no save
+                    bar.close()
+                    store.close()
+                    return result("interrupted")
+                if not boundary:
+                    continue
+                if want_save:
                     save_checkpoint(out / "checkpoints", step, hooks, optimizer, state | session.meta,
                                     cfg.keep_checkpoints)
+                    want_save = False
                 if stopped_early:
                     break
                 if interrupt.hit:
                     status = "interrupted"
                     break
-                if stop_after is not None and step - start >= stop_after:
-                    bar.close()
-                    store.close()
-                    return result("interrupted")
         _publish(out, hooks, step, index)
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"

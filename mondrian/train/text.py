@@ -263,13 +263,13 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
     accum = cfg.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(batch, lengths, positions, valid, prev_grad, do_update):
+    def step_fn(batch, lengths, positions, valid, prev_grad, do_update, n_accumulated):
         (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths, positions, valid)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
-            if accum > 1:
-                grad = tree_map(lambda g: g / accum, grad)
+            if n_accumulated > 1:
+                grad = tree_map(lambda g: g / n_accumulated, grad)
             optimizer.update(model, grad)
             grad = None
         return lvalue, toks, grad
@@ -290,7 +290,10 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
         batch, lengths = make_batch(split, plans[epoch][pos], cfg.max_seq_length)
         positions, valid = loss_positions(np.array(lengths), batch.shape[1])
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
-        lvalue, toks, grads[0] = step_fn(batch, lengths, positions, valid, grads[0], step % accum == 0)
+        # the last step also updates: an incomplete accumulation still counts (as mlx-vlm's does)
+        update = step % accum == 0 or step == cfg.iters
+        n_accumulated = (step - 1) % accum + 1
+        lvalue, toks, grads[0] = step_fn(batch, lengths, positions, valid, grads[0], update, n_accumulated)
         mx.eval(lvalue, toks, model.trainable_parameters(), optimizer.state)
         n_tokens = int(np.sum(np.minimum(np.array(lengths)[:, 1], cfg.max_seq_length)))
         return lvalue.item(), int(toks.item()), n_tokens

@@ -1,0 +1,25 @@
+"""The service's settings (what `mondrian serve`'s options set), free of the web stack and
+the engine so the CLI and the routes' tests can build one cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServiceConfig:
+    registry_root: str | Path | None = None
+    db_path: str | Path | None = None  # requests log; None = not recorded
+    routing_path: str | Path | None = None
+    advisors: list[str] = field(default_factory=list)  # served with the default route if not in the file
+    model: str | None = None  # default base model spec
+    admin_token: str | None = None
+    max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0  # a body must arrive whole within this (slow clients get a 408)
+    max_input_chars: int = 4000
+    max_prompt_tokens: int = 1024
+    max_batch: int = 8
+    max_versions: int = 8  # LoRA versions loaded per base model; what a plan serves is never evicted
+    poll_s: float = 0.5
+    constrained: bool = True  # text advisors decode under their contract's grammar
