@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mondrian.core.contracts import lone_surrogate
+from mondrian.serve import openapi
 from mondrian.serve.errors import ServiceError
 from mondrian.serve.guards import error_response
 from mondrian.serve.service import Service
@@ -116,7 +117,7 @@ async def models(service: ServiceDep) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/advisors/{advisor}/analyze")
+@router.post("/v1/advisors/{advisor}/analyze", openapi_extra=openapi.ANALYZE)
 async def analyze(advisor: str, request: Request, service: ServiceDep) -> dict:
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await read_analyze_form(request)
@@ -154,7 +155,7 @@ def chat_input(messages: list) -> tuple[str, bytes | None]:
     return texts[-1], images[0] if images else None
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi.CHAT)
 async def chat(request: Request, service: ServiceDep) -> dict:
     data = await read_json(request, service)
     model = field(data, "model", str, required=True)
@@ -195,7 +196,7 @@ async def admin_state(service: ServiceDep) -> dict:
     return service.state()
 
 
-@admin_router.post("/admin/advisors/{advisor}/load")
+@admin_router.post("/admin/advisors/{advisor}/load", openapi_extra=openapi.LOAD)
 async def admin_load(advisor: str, request: Request, service: ServiceDep) -> dict:
     data = await read_json(request, service)
     service.serving(advisor)  # an advisor not served is a 404 before a missing field's 400
@@ -203,7 +204,7 @@ async def admin_load(advisor: str, request: Request, service: ServiceDep) -> dic
     return {"advisor": advisor, "version": version, "loaded": True}
 
 
-@admin_router.post("/admin/advisors/{advisor}/activate")
+@admin_router.post("/admin/advisors/{advisor}/activate", openapi_extra=openapi.ACTIVATE)
 async def admin_activate(advisor: str, request: Request, service: ServiceDep) -> dict:
     data = await read_json(request, service)
     ref = field(data, "version", str, required=True)
@@ -211,7 +212,7 @@ async def admin_activate(advisor: str, request: Request, service: ServiceDep) ->
     return await asyncio.to_thread(service.activate, advisor, ref, alias)
 
 
-@admin_router.post("/admin/advisors/{advisor}/rollback")
+@admin_router.post("/admin/advisors/{advisor}/rollback", openapi_extra=openapi.ROLLBACK)
 async def admin_rollback(advisor: str, request: Request, service: ServiceDep) -> dict:
     data = await read_json(request, service) if int(request.headers.get("content-length") or 0) else {}
     return await asyncio.to_thread(service.rollback, advisor, field(data, "alias", str, default="production"))
