@@ -196,9 +196,9 @@ class Linker:
         before decoding anything (a bomb is refused unread), then decode fully."""
         try:
             data = read_regular(real, f"image {rel!r}", self.ws.max_image_bytes)
-        except FileProblem as exc:
-            reason = "image_file_too_large" if exc.kind == "too_large" else "image_unreadable"
-            return "", None, None, reason, exc.detail
+        except FileProblem as exc:  # changed since the stat: refused, and not cached
+            raise Reject("image_file_too_large" if exc.kind == "too_large" else "image_unreadable",
+                         exc.detail) from None
         sha = hashlib.sha256(data).hexdigest()
         if not data:
             return sha, None, None, "image_unreadable", f"image {rel!r} is empty (0 bytes)"
@@ -317,7 +317,7 @@ class Linker:
             kind = "duplicate" if first[1] == out_sha else "duplicate_conflict"
             raise Reject(kind, f"same input as job {first[0]!r}" + (" with a different answer"
                                                                      if kind == "duplicate_conflict" else ""))
-        self.seen_inputs[(advisor.name, group)] = (str(job_id), out_sha)
+        self.seen_inputs[(advisor.name, group)] = (job_key(job_id), out_sha)
         return {"input": inp, "output": output, "output_sha256": out_sha, "group": group}
 
 

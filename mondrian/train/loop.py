@@ -258,6 +258,16 @@ def _publish(out: Path, hooks: Hooks, step: int, index: bytes | None) -> None:
         os.replace(tmp_file, out / name)
 
 
+def _account(state: dict, window: dict, loss: float, weight: int, tokens: int) -> None:
+    """One step's loss and token counts into the run totals and the report window."""
+    state["tokens"] += tokens
+    state["loss_tokens"] += weight
+    window["loss"] += loss * weight  # token-weighted, as both peers report it
+    window["weight"] += weight
+    window["tokens"] += tokens
+    window["steps"] += 1
+
+
 def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: bool = True,
         stop_after: int | None = None) -> TrainResult:
     """Steps start+1 .. iters with reports, evaluations, checkpoints; then the final files.
@@ -290,20 +300,13 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
             if start == 0:
                 _evaluate(session, out, hooks, bar, 0)
             for step in range(start + 1, cfg.iters + 1):
-                loss, weight, tokens = hooks.step(step)
-                state["tokens"] += tokens
-                state["loss_tokens"] += weight
-                window["loss"] += loss * weight  # token-weighted, as both peers report it
-                window["weight"] += weight
-                window["tokens"] += tokens
-                window["steps"] += 1
+                _account(state, window, *hooks.step(step))
                 bar.update(1)
                 if step % cfg.steps_per_report == 0 or step == cfg.iters:
                     last_train_loss = _report(session, window, step, optimizer, bar)
                     window = _window()
-                # Checkpoints only at update boundaries: mid-accumulation the partial gradient
-                # lives in memory only, and a resume from there would not repeat the run. A save
-                # asked for in between (save_every, a signal, early stopping) waits for the next.
+                # Checkpoints only at update boundaries (mid-accumulation the partial gradient is
+                # in memory only): a save asked for in between waits for the next boundary.
                 boundary = step % cfg.grad_accumulation_steps == 0 or step == cfg.iters
                 # a SIGINT/SIGTERM validates the step it stops at, so the adapter kept as the
                 # best is never one only step 0 was measured against
@@ -314,16 +317,16 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                             and state["evals_without_improvement"] >= cfg.early_stopping_patience):
                         stopped_early = True
                 want_save = want_save or step % cfg.save_every == 0 or stopped_early or interrupt.hit
-                if stop_after is not None and step - start >= stop_after:  # as a kill would: no save
+                if want_save and boundary:
+                    save_checkpoint(out / "checkpoints", step, hooks, optimizer, state | session.meta,
+                                    cfg.keep_checkpoints)
+                    want_save = False
+                if stop_after is not None and step - start >= stop_after:  # then as a kill would
                     bar.close()
                     store.close()
                     return result("interrupted")
                 if not boundary:
                     continue
-                if want_save:
-                    save_checkpoint(out / "checkpoints", step, hooks, optimizer, state | session.meta,
-                                    cfg.keep_checkpoints)
-                    want_save = False
                 if stopped_early:
                     break
                 if interrupt.hit:
