@@ -38,7 +38,8 @@ def _what(mode: int) -> str:
     return next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
 
 
-def _check(st: os.stat_result, label: str, limit: int) -> None:
+def check_regular(st: os.stat_result, label: str, limit: int) -> None:
+    """A FileProblem unless `st` is a regular file of at most `limit` bytes."""
     if stat.S_ISDIR(st.st_mode):
         raise FileProblem("folder", f"{label} is a folder")
     if not stat.S_ISREG(st.st_mode):
@@ -59,13 +60,13 @@ def file_stat(real: str, label: str) -> os.stat_result:
 
 def read_regular(real: str, label: str, limit: int) -> bytes:
     """The bytes of the regular file `real` (at most `limit`), or a FileProblem."""
-    _check(file_stat(real, label), label, limit)
+    check_regular(file_stat(real, label), label, limit)
     try:
         fd = os.open(real, _FLAGS)
     except OSError as exc:  # swapped for a symlink, or a permission problem
         raise FileProblem("unreadable", f"{label}: {exc.strerror or exc}") from None
     try:
-        _check(os.fstat(fd), label, limit)  # what we opened, not what we stat'ed before
+        check_regular(os.fstat(fd), label, limit)  # what we opened, not what we stat'ed before
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))

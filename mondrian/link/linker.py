@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import stat
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from mondrian.core.atomic import atomic_folder
 from mondrian.core.contracts import Advisor, load_advisors, loads_strict, lone_surrogate
 from mondrian.core.db import connect, count_jobs, create_link_cache_tables, open_db, read_jobs
 from mondrian.core.workspace import Workspace
-from mondrian.link.files import FileProblem, file_stat, pil_pixel_limit, read_regular
+from mondrian.link.files import FileProblem, check_regular, file_stat, pil_pixel_limit, read_regular
 
 # Reason codes, in the order the checks run. One job, one reason: the first that applies.
 REASONS = {
@@ -56,6 +55,10 @@ REASONS = {
     "duplicate_conflict": "same input as an earlier linked job but a different answer",
     "internal_error": "mondrian failed on this record (a bug: please report the detail); the run went on",
 }
+
+
+# FileProblem kinds -> reasons (any other kind: the file is not readable as an image)
+_IMAGE_REASONS = {"missing": "image_missing", "too_large": "image_file_too_large"}
 
 
 class Reject(Exception):
@@ -172,13 +175,9 @@ class Linker:
         label = f"image {rel!r}"
         try:
             st = file_stat(real, label)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileProblem("special", f"{label} is not a regular file")
+            check_regular(st, label, self.ws.max_image_bytes)  # refused from stat, never read
         except FileProblem as exc:
-            raise Reject("image_missing" if exc.kind == "missing" else "image_unreadable", exc.detail) from None
-        if st.st_size > self.ws.max_image_bytes:
-            raise Reject("image_file_too_large",
-                         f"{label} is {st.st_size:,} bytes (max_image_bytes {self.ws.max_image_bytes:,})")
+            raise Reject(_IMAGE_REASONS.get(exc.kind, "image_unreadable"), exc.detail) from None
         row = self.cache.image(real, st, self.ws.max_image_pixels)
         if row is None:
             row = (st.st_size, st.st_mtime_ns, *self._inspect(real, rel), self.ws.max_image_pixels)
@@ -197,8 +196,7 @@ class Linker:
         try:
             data = read_regular(real, f"image {rel!r}", self.ws.max_image_bytes)
         except FileProblem as exc:  # changed since the stat: refused, and not cached
-            raise Reject("image_file_too_large" if exc.kind == "too_large" else "image_unreadable",
-                         exc.detail) from None
+            raise Reject(_IMAGE_REASONS.get(exc.kind, "image_unreadable"), exc.detail) from None
         sha = hashlib.sha256(data).hexdigest()
         if not data:
             return sha, None, None, "image_unreadable", f"image {rel!r} is empty (0 bytes)"
