@@ -14,16 +14,25 @@ contract's grammar:
   (c) `mondrian train` with the new recipe, on the retrieval dataset (`make train`'s path).
   The base model is scored the same way once per dataset (with `--base`).
 
-part `seeds`: plain mlx-lm and our loop on the *same* recipe (the old one, same iters), seeds
-0..N-1 each, each adapter scored on the test split (free decoding): does our loop (length
-bucketing, answer-only logits) cost quality? Reported: mean and spread of exact match and
-field accuracy per trainer, and the paired difference.
+part `seeds`: plain mlx-lm and our loop (its defaults) on the *same* recipe (the old one, same
+iters), seeds 0..N-1 each, each adapter scored on the test split (free decoding): does our loop
+cost quality? Reported: mean and spread of exact match and field accuracy per trainer, and the
+paired difference.
+
+part `ablations`: our loop on the seeds part's recipe, iters and seeds with one setting changed
+at a time (length bucketing on, mlx-lm's full-vocabulary loss, no mx.compile, a lower learning
+rate), each adapter scored the same way; read against the seeds part's two trainers (the same
+seeds give the same runs: both trainers are deterministic for a seed). Each part records our
+loop's defaults as they were when it ran (`ours_defaults`).
 
 Results: scripts/results/bench_quality.json (every number, per arm and set); the README
 table is copied from its printout.
 
-    python scripts/bench_quality.py [--parts arms,seeds] [--budget-min 12] [--seeds 3]
-                                    [--seed-iters 30] [--base] [--workspace workspace]
+    python scripts/bench_quality.py [--parts arms,seeds,ablations] [--budget-min 12] [--seeds 3]
+                                    [--seed-iters 30] [--ablations NAME,...] [--base]
+                                    [--workspace workspace]
+
+A run rewrites only the parts it ran; the other parts' results stay in the file.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from mondrian.core.contracts import get_advisor
 from mondrian.core.workspace import load_workspace
 from mondrian.dataset.build import build_dataset
 from mondrian.models.sources import resolve
+from mondrian.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDWRITTEN = ROOT / "tests" / "data" / "fit_query_handwritten.jsonl"
@@ -57,6 +67,18 @@ NEW_RECIPE = ROOT / "lora" / "fit-query.yaml"
 OLD_RECIPE = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
               "batch_size": 8, "learning_rate": 2e-4, "mask_prompt": True, "max_seq_length": 256}
 ADV = "fit-query"
+OURS_DEFAULTS = {k: getattr(TrainConfig(), k) for k in ("bucket_batches", "answer_only_logits")}
+# One setting of the old recipe changed at a time: (config overrides, environment).
+ABLATIONS = {
+    "bucket_batches: 8": ({"bucket_batches": 8}, {}),  # the default until 2026-12-06
+    "answer_only_logits: false": ({"answer_only_logits": False}, {}),
+    "MONDRIAN_COMPILE=0": ({}, {"MONDRIAN_COMPILE": "0"}),
+    "learning_rate: 1e-4": ({"learning_rate": 1e-4}, {}),
+}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _env() -> dict:
@@ -79,11 +101,11 @@ def datasets(ws: Path) -> dict[str, Path]:
     return out
 
 
-def _run_for(cmd: list[str], budget_s: float | None, log: Path) -> float:
+def _run_for(cmd: list[str], budget_s: float | None, log: Path, env: dict | None = None) -> float:
     """Run `cmd`; SIGTERM it when `budget_s` runs out (then wait for it to save). Wall seconds."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env() | (env or {}), cwd=ROOT)
         try:
             proc.wait(timeout=budget_s)
         except subprocess.TimeoutExpired:
@@ -106,11 +128,11 @@ def train_peer(data: Path, out: Path, model_path: str, seed: int, iters: int, bu
             "steps": int(saved[-1].name.split("_")[0]) if saved else iters}
 
 
-def train_ours(config: dict, out: Path, budget_s: float | None) -> dict:
+def train_ours(config: dict, out: Path, budget_s: float | None, env: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     wall = _run_for([sys.executable, "-m", "mondrian.cli", "train", "--config", str(out / "config.yaml"),
-                     "--json"], budget_s, out / "log.txt")
+                     "--json"], budget_s, out / "log.txt", env)
     if not (out / "run" / "last" / "adapters.safetensors").is_file():
         raise RuntimeError(f"mondrian train saved no adapter:\n{(out / 'log.txt').read_text()[-2000:]}")
     with sqlite3.connect(out / "runs.db") as conn:
@@ -169,6 +191,19 @@ def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str
     return out
 
 
+def _seed_config(sets: dict[str, Path], folder: Path, iters: int, seed: int) -> dict:
+    """Our loop on the old recipe, as the seeds and ablations parts run it."""
+    return OLD_RECIPE | {"model": "smollm2-135m", "data": str(sets["plain"]), "iters": iters, "seed": seed,
+                         "adapter_path": str(folder / "run"), "db": str(folder / "runs.db"), "advisor": ADV,
+                         "steps_per_eval": 100_000, "val_batches": 1, "save_every": iters}
+
+
+def _mean_sd(runs: list[dict]) -> dict:
+    return {m: {"mean": round(statistics.mean(r[m] for r in runs), 4),
+                "sd": round(statistics.stdev(r[m] for r in runs), 4) if len(runs) > 1 else None}
+            for m in ("exact_match", "field_accuracy", "compliance", "parse_rate")}
+
+
 def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_path: str,
                progress: Callable[[dict], None] = lambda partial: None) -> dict:
     out: dict[str, list] = {"mlx_lm lora": [], "mondrian train": []}
@@ -176,51 +211,77 @@ def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_p
         peer_dir, ours_dir = tmp / f"peer-{seed}", tmp / f"ours-{seed}"
         peer = train_peer(sets["plain"], peer_dir, model_path, seed, iters, None)
         out["mlx_lm lora"].append(peer | {"seed": seed, **score(peer_dir, sets["plain"], peer_dir / "eval", "adapter")["adapter"]})
-        ours = train_ours(OLD_RECIPE | {"model": "smollm2-135m", "data": str(sets["plain"]), "iters": iters, "seed": seed,
-                                        "adapter_path": str(ours_dir / "run"), "db": str(ours_dir / "runs.db"),
-                                        "advisor": ADV, "steps_per_eval": 100_000, "val_batches": 1,
-                                        "save_every": iters}, ours_dir, None)
+        ours = train_ours(_seed_config(sets, ours_dir, iters, seed), ours_dir, None)
         out["mondrian train"].append(ours | {"seed": seed, **score(ours_dir / "run" / "last", sets["plain"], ours_dir / "eval", "adapter")["adapter"]})
         print(json.dumps({"seed": seed, "peer": out["mlx_lm lora"][-1], "ours": out["mondrian train"][-1]}), flush=True)
         progress({"iters": iters, "recipe": OLD_RECIPE, "runs": out, "complete": False})  # a 1 h part survives a stop
     summary = {}
     for trainer, runs in out.items():
-        summary[trainer] = {m: {"mean": round(statistics.mean(r[m] for r in runs), 4),
-                                "sd": round(statistics.stdev(r[m] for r in runs), 4) if len(runs) > 1 else None}
-                            for m in ("exact_match", "field_accuracy", "compliance")}
+        summary[trainer] = _mean_sd(runs)
         summary[trainer]["wall_s_mean"] = round(statistics.mean(r["wall_s"] for r in runs), 1)
     diffs = [o["exact_match"] - p["exact_match"] for o, p in zip(out["mondrian train"], out["mlx_lm lora"], strict=True)]
     summary["ours_minus_peer_exact_match"] = {"per_seed": [round(d, 4) for d in diffs], "mean": round(statistics.mean(diffs), 4)}
-    return {"iters": iters, "recipe": OLD_RECIPE, "runs": out, "summary": summary, "complete": True}
+    return {"iters": iters, "recipe": OLD_RECIPE, "ours_defaults": OURS_DEFAULTS, "runs": out, "summary": summary,
+            "complete": True}
+
+
+def part_ablations(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, names: list[str],
+                   progress: Callable[[dict], None] = lambda partial: None) -> dict:
+    out: dict[str, list] = {}
+    for name in names:
+        overrides, env = ABLATIONS[name]
+        out[name] = []
+        for seed in range(seeds):
+            folder = tmp / f"{len(out)}-{seed}"
+            info = train_ours(_seed_config(sets, folder, iters, seed) | overrides, folder, None, env)
+            out[name].append(info | {"seed": seed, **score(folder / "run" / "last", sets["plain"], folder / "eval",
+                                                             "adapter")["adapter"]})
+            print(json.dumps({name: out[name][-1]}), flush=True)
+            progress({"iters": iters, "recipe": OLD_RECIPE, "runs": out, "complete": False})
+    summary = {name: _mean_sd(runs) for name, runs in out.items()}
+    return {"iters": iters, "recipe": OLD_RECIPE, "ours_defaults": OURS_DEFAULTS,
+            "changes": {n: ABLATIONS[n] for n in names}, "runs": out, "summary": summary, "complete": True}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="arms,seeds")
+    ap.add_argument("--parts", default="arms,seeds,ablations")
     ap.add_argument("--budget-min", type=float, default=12.0, help="wall-clock budget of each arm's training")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed-iters", type=int, default=30)
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which ({', '.join(ABLATIONS)})")
     ap.add_argument("--base", action="store_true", help="also score the base model on both datasets")
     ap.add_argument("--workspace", default=str(ROOT / "workspace"))
     ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_quality.json"))
     args = ap.parse_args()
+    names = [n.strip() for n in args.ablations.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        ap.error(f"--ablations: unknown {unknown} (known: {list(ABLATIONS)})")
     sets = datasets(Path(args.workspace))
     model_path = resolve("smollm2-135m").path
-    result = {"benchmark": "bench_quality", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    out = Path(args.out)
+    kept = json.loads(out.read_text()) if out.is_file() else {}  # the parts this run does not redo
+    result = kept | {"benchmark": "bench_quality", "when": _now(),
               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
               "new_recipe": yaml.safe_load(NEW_RECIPE.read_text()), "old_recipe": OLD_RECIPE}
-    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         if "seeds" in args.parts:
             def save(partial: dict) -> None:
                 out.write_text(json.dumps(result | {"seeds": partial}, indent=2) + "\n")
-            result["seeds"] = part_seeds(sets, Path(tmp) / "seeds", args.seeds, args.seed_iters, model_path, save)
+            result["seeds"] = part_seeds(sets, Path(tmp) / "seeds", args.seeds, args.seed_iters, model_path, save) | {"when": _now()}
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        if "ablations" in args.parts:
+            def save_ablations(partial: dict) -> None:
+                out.write_text(json.dumps(result | {"ablations": partial}, indent=2) + "\n")
+            result["ablations"] = part_ablations(sets, Path(tmp) / "ablations", args.seeds, args.seed_iters, names,
+                                                 save_ablations) | {"when": _now()}
             out.write_text(json.dumps(result, indent=2) + "\n")
         if "arms" in args.parts:
             result["budget_min"] = args.budget_min
-            result["arms"] = part_arms(sets, Path(tmp) / "arms", args.budget_min * 60, model_path, args.base)
+            result["arms"] = part_arms(sets, Path(tmp) / "arms", args.budget_min * 60, model_path, args.base) | {"when": _now()}
             out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k in ("seeds", "arms")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k in ("seeds", "ablations", "arms")}, indent=1))
     print(f"wrote {out}")
 
 

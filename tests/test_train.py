@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -201,6 +202,27 @@ def test_validation_subset_spans_all_lengths():
     assert len(chosen) == 5 and min(lengths) == 10 and max(lengths) == 109  # not just the shortest
     assert len(val_batches(split, batch_size=4, n=-1)) == 25
     assert len(val_batches(split, batch_size=4, n=1)) == 1
+
+
+def test_batches_are_random_draws_by_default():
+    """Length bucketing makes each batch one kind of row; it cost quality (README, Training), so
+    by default a batch is a random draw. Either way every row trains once per epoch and the plan
+    is a pure function of (seed, epoch), which exact resume needs."""
+    from mondrian.train.config import TrainConfig
+    from mondrian.train.text import batch_plan
+
+    lengths = [100 + (i * 37) % 200 for i in range(200)]  # 200 rows, lengths 100..299
+
+    def spread(plan: list[list[int]]) -> float:  # mean (longest - shortest) inside a batch
+        return statistics.mean(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plan)
+
+    default = batch_plan(lengths, 8, seed=0, epoch=0, bucket=TrainConfig().bucket_batches)
+    bucketed = batch_plan(lengths, 8, seed=0, epoch=0, bucket=8)
+    for plan in (default, bucketed):
+        assert sorted(i for b in plan for i in b) == list(range(200))
+    assert default == batch_plan(lengths, 8, seed=0, epoch=0, bucket=TrainConfig().bucket_batches)
+    assert default != batch_plan(lengths, 8, seed=0, epoch=1, bucket=TrainConfig().bucket_batches)
+    assert spread(bucketed) < 40 < 100 < spread(default)
 
 
 def test_sigterm_validates_the_step_it_stops_at(fit_data, tmp_path):

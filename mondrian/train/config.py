@@ -56,7 +56,10 @@ class TrainConfig:
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement
     keep_checkpoints: int = 2
     answer_only_logits: bool = True  # project to the vocabulary only where the loss is taken
-    bucket_batches: int = 8  # length-bucketing window, in batches (1 = no bucketing)
+    # Length-bucketing window, in batches (1 = none). Off by default: a bucketed batch holds one
+    # kind of row (long place lists, short FiT ids, ...), and at LoRA learning rates that made
+    # answers loop (README, Training: bench_quality's ablations).
+    bucket_batches: int = 1
 
     def check(self) -> None:
         if self.fine_tune_type != "lora":

@@ -8,8 +8,9 @@ What mlx-lm's `train()` lacks, and this loop adds:
 - errors before the first step: splits smaller than the batch, rows that would be
   truncated, a tokenizer that does not fit the model, LoRA layers that do not exist;
 - every run recorded in SQLite (`runs`, `run_metrics`) with a loss-curve SVG;
-- speed: logits only where the loss is taken (answer tokens with mask_prompt), and
-  length bucketing with padding to a multiple of 8 instead of 32.
+- speed: logits only where the loss is taken (answer tokens with mask_prompt), and padding
+  to a multiple of 8 instead of 32. Length bucketing is there (`bucket_batches`) but off by
+  default: it cost quality (README, Training).
 
 `mondrian.train.run.train` is the entry point; it sends image data to mondrian/train/vision.py.
 """
@@ -79,8 +80,9 @@ def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucke
     """The batches of one epoch, a pure function of its arguments (so resume can replay it).
 
     Rows are shuffled, then sorted by length inside windows of `bucket` batches (less
-    padding), cut into batches, and the batch order shuffled. A short last batch is
-    filled from the start of the epoch so every row trains once per epoch.
+    padding; bucket 1 keeps every batch a random draw), cut into batches, and the batch order
+    shuffled. A short last batch is filled from the start of the epoch so every row trains
+    once per epoch.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)).tolist()
