@@ -22,8 +22,8 @@ paired difference.
 part `ablations`: our loop on the seeds part's recipe, iters and seeds with one setting changed
 at a time (length bucketing on, mlx-lm's full-vocabulary loss, no mx.compile, a lower learning
 rate), each adapter scored the same way; read against the seeds part's two trainers (the same
-seeds give the same runs: both trainers are deterministic for a seed). Each part records our
-loop's defaults as they were when it ran (`ours_defaults`).
+seeds give the same runs: both trainers are deterministic for a seed). A run redoes only the
+variants it names; each records when it ran and our loop's defaults then (`ours_defaults`).
 
 Results: scripts/results/bench_quality.json (every number, per arm and set); the README
 table is copied from its printout.
@@ -226,21 +226,23 @@ def part_seeds(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, model_p
 
 
 def part_ablations(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, names: list[str],
-                   progress: Callable[[dict], None] = lambda partial: None) -> dict:
-    out: dict[str, list] = {}
+                   kept: dict | None = None, progress: Callable[[dict], None] = lambda partial: None) -> dict:
+    """Each named change over `seeds` seeds; the variants in `kept` that this run does not redo
+    stay (each variant records when it ran and our loop's defaults then)."""
+    variants = dict((kept or {}).get("variants", {}))
     for name in names:
         overrides, env = ABLATIONS[name]
-        out[name] = []
+        runs: list[dict] = []
         for seed in range(seeds):
-            folder = tmp / f"{len(out)}-{seed}"
+            folder = tmp / f"{list(ABLATIONS).index(name)}-{seed}"
             info = train_ours(_seed_config(sets, folder, iters, seed) | overrides, folder, None, env)
-            out[name].append(info | {"seed": seed, **score(folder / "run" / "last", sets["plain"], folder / "eval",
-                                                             "adapter")["adapter"]})
-            print(json.dumps({name: out[name][-1]}), flush=True)
-            progress({"iters": iters, "recipe": OLD_RECIPE, "runs": out, "complete": False})
-    summary = {name: _mean_sd(runs) for name, runs in out.items()}
-    return {"iters": iters, "recipe": OLD_RECIPE, "ours_defaults": OURS_DEFAULTS,
-            "changes": {n: ABLATIONS[n] for n in names}, "runs": out, "summary": summary, "complete": True}
+            runs.append(info | {"seed": seed, **score(folder / "run" / "last", sets["plain"], folder / "eval",
+                                                      "adapter")["adapter"]})
+            print(json.dumps({name: runs[-1]}), flush=True)
+            variants[name] = {"change": ABLATIONS[name], "ours_defaults": OURS_DEFAULTS, "when": _now(),
+                              "runs": runs, "summary": _mean_sd(runs), "complete": seed == seeds - 1}
+            progress({"iters": iters, "recipe": OLD_RECIPE, "variants": variants})
+    return {"iters": iters, "recipe": OLD_RECIPE, "variants": variants}
 
 
 def main() -> None:
@@ -275,7 +277,7 @@ def main() -> None:
             def save_ablations(partial: dict) -> None:
                 out.write_text(json.dumps(result | {"ablations": partial}, indent=2) + "\n")
             result["ablations"] = part_ablations(sets, Path(tmp) / "ablations", args.seeds, args.seed_iters, names,
-                                                 save_ablations) | {"when": _now()}
+                                                 kept.get("ablations"), save_ablations)
             out.write_text(json.dumps(result, indent=2) + "\n")
         if "arms" in args.parts:
             result["budget_min"] = args.budget_min

@@ -97,6 +97,7 @@ def test_arm_metrics_known_values():
     assert f["aggregation"]["n"] == 0 and f["aggregation"]["accuracy"] is None
     assert m["latency_p50_s"] == 3.0 and m["latency_p95_s"] == pytest.approx(4.8)
     assert (m["answers_per_s"], m["tokens_per_s"]) == (2.5, 30.0)
+    assert (m["mean_tokens"], m["longest_tokens"]) == (12.0, 14)
 
 
 # ---------------------------------------------------------------------------------------------

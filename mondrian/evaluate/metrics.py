@@ -234,7 +234,7 @@ def arm_metrics(advisor: Advisor, scores: Sequence[Score], gens: Sequence[Genera
         lat = [g.latency_s for g in gens if g.latency_s is not None]
         toks = [g.tokens for g in gens]
         m |= {"latency_p50_s": stats.percentile(lat, 50), "latency_p95_s": stats.percentile(lat, 95),
-              "mean_tokens": sum(toks) / len(toks),
+              "mean_tokens": sum(toks) / len(toks), "longest_tokens": max(toks),
               "truncated": sum(g.finish_reason == "length" for g in gens)}
     if wall_s:
         n = generated if generated is not None else len(scores)

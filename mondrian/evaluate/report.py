@@ -242,7 +242,8 @@ _HEADLINE = (("parse_rate", "JSON parse rate"), ("compliance", "contract complia
 _SPEED = (("latency p50 per answer (s)", "latency_p50_s", "{:.2f}"),
           ("latency p95 per answer (s)", "latency_p95_s", "{:.2f}"),
           ("answers/s (batched)", "answers_per_s", "{:.2f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
-          ("mean tokens per answer", "mean_tokens", "{:.1f}"), ("stopped at max_tokens", "truncated", "{}"))
+          ("mean tokens per answer", "mean_tokens", "{:.1f}"), ("longest answer (tokens)", "longest_tokens", "{}"),
+          ("stopped at max_tokens", "truncated", "{}"))
 
 
 def _md_summary(r: EvalReport, c: dict | None, a: str, b: str | None) -> list[str]:
