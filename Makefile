@@ -62,7 +62,8 @@ bench: data
 	$(PY) scripts/bench_service.py
 	$(PY) scripts/bench_retrieval.py
 
-# Quality per wall-clock budget, three training arms and 3 seeds of two trainers (~2 h on 2 cores).
+# Quality per wall-clock budget (three training arms), 3 seeds of two trainers, and our loop with
+# one setting changed at a time (~5 h on 2 cores, estimated; --parts picks some).
 bench-quality: data
 	$(PY) scripts/bench_quality.py
 
