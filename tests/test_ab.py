@@ -311,3 +311,42 @@ def test_cli_ab_report(tmp_path):
     assert res.exit_code != 0 and "control: no arm 'nope'" in res.output
     for args in (["ab"], ["ab", "report"]):
         assert runner.invoke(cli, [*args, "--help"]).exit_code == 0
+
+
+def test_outcomes_acceptance_sequential_decision_and_guardrails(tmp_path):
+    """Feedback on two arms: control accepted 60 of 100 judged, treatment 90 of 100; treatment
+    also errs on 30 of its 130 served rows. Counts, rates and the field check against
+    corrections are exact; the sequential interval equals mondrian.ab.sequential on the same
+    0/1 values and (with 30 points on 100 a side) calls the treatment better; the error
+    guardrail calls harm; the fixed-horizon test sits beside it."""
+    from mondrian.ab.sequential import diff_cs
+
+    log = Log(tmp_path / "o.db")
+    answer = json.dumps({"query_type": "search", "technology": "Wind"})
+    log.add(120, answer_text=answer)  # control: q1..q120, 100 judged
+    log.add(100, arm="treatment", assigned_version="v2", served_version="v2", answer_text=answer)  # q121..q220
+    log.add(30, arm="treatment", assigned_version="v2", served_version=None, status=500, error="boom",
+            contract_ok=None)
+    log.save()
+    fixed = json.dumps({"query_type": "search", "technology": "Hydro"})
+    votes = [(f"q{i}", "accepted" if i <= 60 else "corrected", None if i <= 60 else fixed) for i in range(1, 101)]
+    votes += [(f"q{i}", "accepted" if i <= 210 else "rejected", None) for i in range(121, 221)]
+    with sqlite3.connect(log.path) as conn:
+        conn.executemany("INSERT INTO feedback VALUES (?, '', 'fit-query', ?, ?, 1, 'now', 'now')", votes)
+    e = ab_report(log.path)["advisors"]["fit-query"]
+    c, t = e["outcomes"]["control"], e["outcomes"]["treatment"]
+    assert (c["served"], c["judged"], c["accepted"], c["corrected"], c["rejected"]) == (120, 100, 60, 40, 0)
+    assert c["coverage"] == pytest.approx(100 / 120) and c["acceptance_rate"] == pytest.approx(0.6)
+    # corrected answers differ only in the technology: 1 of 2 fields right, every time
+    assert c["field_accuracy_vs_corrections"] == pytest.approx(0.5) and c["corrections_compared"] == 40
+    assert c["per_field"] == {"query_type": 1.0, "technology": 0.0}
+    assert (t["served"], t["judged"], t["accepted"], t["rejected"]) == (130, 100, 90, 10)
+    cmp = e["outcome_comparisons"]["treatment"]
+    ref = diff_cs([1.0] * 60 + [0.0] * 40, [1.0] * 90 + [0.0] * 10, 0.05)
+    assert cmp["sequential"]["low"] == pytest.approx(ref.low) and cmp["sequential"]["p_value"] == pytest.approx(ref.p_value)
+    assert cmp["decision"] == "better" and cmp["fixed_horizon"]["p_value"] < cmp["sequential"]["p_value"]
+    g = cmp["guardrails"]
+    assert g["error_rate"]["status"] == "harm" and g["error_rate"]["estimate"] == pytest.approx(30 / 130)
+    assert g["fallback_rate"]["status"] == "pending"  # 0 vs 0: nothing to say, nothing proven
+    md = format_report(ab_report(log.path))
+    assert "| treatment - control | +30.0 pp |" in md and "error_rate harm" in md

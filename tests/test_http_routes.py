@@ -23,7 +23,7 @@ ROUTES = {
     ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/advisors/{advisor}/analyze"),
     ("POST", "/v1/chat/completions"), ("GET", "/admin/state"), ("POST", "/admin/advisors/{advisor}/load"),
     ("POST", "/admin/advisors/{advisor}/activate"), ("POST", "/admin/advisors/{advisor}/rollback"),
-    ("POST", "/admin/reload"),
+    ("POST", "/admin/reload"), ("POST", "/v1/requests/{request_id}/feedback"),
 }
 
 
@@ -70,6 +70,12 @@ class FakeService:
 
     def reload(self):
         return {"adv": "rid"}
+
+    def record_feedback(self, request_id, verdict):
+        self.calls.append(("feedback", request_id, verdict))
+        if request_id != "req-abc":
+            raise ServiceError(404, f"no served request {request_id!r}")
+        return {"request_id": request_id, "verdict": verdict.verdict, "changed": True}
 
     def close(self):
         self.closed = True
@@ -129,7 +135,7 @@ def test_chat_completions(client, service):
         {"role": "user", "content": [{"type": "text", "text": "what "}, {"type": "image_url", "image_url": {"url": url}},
                                      {"type": "text", "text": "is this"}]}]})
     body = r.json()
-    assert r.status_code == 200 and body["id"] == "chatcmpl-abc" and body["model"] == "adv@v1"
+    assert r.status_code == 200 and body["id"] == "req-abc" and body["model"] == "adv@v1"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["total_tokens"] == 4
     assert service.calls[-1] == ("answer", "adv", "what is this",
@@ -169,3 +175,16 @@ def test_admin_auth_comes_first(client, service):
     assert client.post("/admin/reload", headers=auth).json() == {"routing_ids": {"adv": "rid"}}
     with TestClient(create_app(FakeService(token=None))) as off:
         _error(off.get("/admin/state", headers=auth), 403, "--admin-token")
+
+
+def test_feedback_route_parses_the_verdict_and_reaches_the_service(client, service):
+    from mondrian.serve.feedback import Verdict
+
+    r = client.post("/v1/requests/req-abc/feedback", json={"verdict": "corrected", "answer": {"a": 1}, "user": "u"})
+    assert r.status_code == 200 and r.json()["changed"] is True
+    assert service.calls[-1] == ("feedback", "req-abc", Verdict("corrected", {"a": 1}, "u"))
+    _error(client.post("/v1/requests/req-x/feedback", json={"verdict": "accepted"}), 404, "no served request")
+    n = len(service.calls)
+    _error(client.post("/v1/requests/req-abc/feedback", json={"verdict": "meh"}), 400, "field 'verdict'")
+    _error(client.post("/v1/requests/req-abc/feedback", json=["accepted"]), 400, "JSON object")
+    assert len(service.calls) == n  # refused before the service is asked

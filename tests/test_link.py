@@ -140,10 +140,16 @@ def hostile(tmp_path):
         analysis_json=json.dumps(FIT))  # made TEXT with invalid UTF-8 below
     job("linked", job_id=7, advisor="fit-query", input_text="wave in cornwall",
         analysis_json=json.dumps(FIT))  # an INTEGER id
+    # a user's correction harvested from feedback outranks the earlier job with the same question
+    job("superseded", advisor="fit-query", input_text="solar farms in devon", analysis_json=json.dumps(FIT))
+    job("linked", job_id="req-1", advisor="fit-query", input_text="Solar farms in Devon",
+        analysis_json=json.dumps({"query_type": "search", "technology": "Photovoltaic",
+                                  "postcode_patterns": ["EX", "PL", "TQ"]}),
+        harvested_from="req-1", served_version="v1", harvest_verdict="corrected")
 
     db = open_db(tmp_path / "mondrian.db", create=True)
     create_jobs_table(db)
-    db["jobs"].insert_all(jobs)
+    db["jobs"].insert_all(jobs, alter=True)  # alter: the harvest columns
     # TEXT holding invalid UTF-8: sqlite3 raises when it decodes such a value
     db.execute("UPDATE jobs SET input_text = CAST(x'6361ff20776176' AS TEXT) WHERE job_id = 'text-not-utf8'")
     db.conn.commit()

@@ -4,6 +4,7 @@ fallback, the requests table surviving kill -9, and 4xx on bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -166,6 +167,36 @@ def test_openai_client_and_models(served, reference):
     with pytest.raises(NotFoundError, match="no version or alias 'v99'"):
         client.chat.completions.create(model=f"{ADV}@v99", messages=[{"role": "user", "content": "hi"}])
     assert served.call("GET", "/health")[1]["status"] == "ok"
+
+
+def test_payloads_and_feedback_over_http(served):
+    """The row keeps the input and the answer (log_payloads full, the default); the OpenAI id
+    is the request id, and feedback on it is recorded once per user, checked, and 4xx else."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served.url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=ADV, messages=[{"role": "user", "content": QUESTIONS[2]}], user="ann")
+    (row,) = rows(served.db, "request_id = ?", (r.id,))
+    assert row["payloads"] == "full" and row["input_text"] == QUESTIONS[2]
+    assert row["answer_text"] == r.choices[0].message.content
+    assert row["answer_sha256"] == hashlib.sha256(row["answer_text"].encode()).hexdigest()
+    path = f"/v1/requests/{r.id}/feedback"
+    status, body = served.call("POST", path, {"verdict": "accepted", "user": "ann"})
+    assert status == 200 and body["changed"] and body["revision"] == 1 and body["advisor"] == ADV, body
+    assert served.call("POST", path, {"verdict": "accepted", "user": "ann"})[1]["changed"] is False
+    fixed = {"query_type": "search", "technology": "Hydro"}
+    status, body = served.call("POST", path, {"verdict": "corrected", "answer": fixed, "user": "ann"})
+    assert status == 200 and body["revision"] == 2 and body["answer"] == fixed
+    status, body = served.call("POST", path, {"verdict": "corrected", "answer": {"query_type": "search",
+                                                                                 "fit_id": "twelve"}})
+    assert status == 422 and "$.fit_id" in body["error"]["message"], body
+    assert served.call("POST", "/v1/requests/req-nope/feedback", {"verdict": "accepted"})[0] == 404
+    assert served.call("POST", path, {"verdict": "maybe"})[0] == 400
+    assert served.call("POST", path, raw=b"not json")[0] == 400
+    with sqlite3.connect(served.db) as conn:
+        assert conn.execute("SELECT verdict, revision FROM feedback WHERE request_id = ?", (r.id,)).fetchall() == \
+            [("corrected", 2)]
+        assert conn.execute("SELECT count(*) FROM feedback_history WHERE request_id = ?", (r.id,)).fetchone() == (2,)
 
 
 def oversized_headers_only(server: Server, length: int) -> tuple[int, dict]:
@@ -373,7 +404,7 @@ def test_text_advisors_decode_under_their_contract_by_default(tmp_path, tiny_lla
     finally:
         held.stop()
     free = start_server(tmp_path, "--advisor", ADV, "--model", "tiny:llama", "--root", str(tmp_path / "empty"),
-                        "--db", str(db))
+                        "--db", str(db), "--log-payloads", "hash")
     try:
         free_answers = [free.ask(q, max_tokens=256) for q in QUESTIONS[:4]]
     finally:
@@ -385,7 +416,12 @@ def test_text_advisors_decode_under_their_contract_by_default(tmp_path, tiny_lla
     assert not any(body["contract_ok"] for _, body in free_answers)
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT constrained, contract_ok FROM requests ORDER BY received_at").fetchall()
+        payloads = conn.execute("SELECT payloads, input_text, input_sha256, answer_text IS NULL, "
+                                "length(answer_sha256) FROM requests ORDER BY received_at").fetchall()
     assert rows == [(1, 1)] * 4 + [(0, 0)] * 4
+    sha = [hashlib.sha256(q.encode()).hexdigest() for q in QUESTIONS[:4]]
+    assert payloads == [("full", q, h, 0, 64) for q, h in zip(QUESTIONS[:4], sha, strict=True)] + \
+        [("hash", None, h, 1, 64) for h in sha]  # --log-payloads hash keeps only the hashes
 
 
 def test_an_older_requests_table_gets_the_new_column(tmp_path):
@@ -448,3 +484,39 @@ def test_versions_a_plan_serves_are_never_evicted(tmp_path, registry, reference)
         assert status == 200 and body["text"] == reference[body["version"]][QUESTIONS[1]]
     finally:
         assert server.stop() == 0
+
+
+def test_a_rollout_advances_and_promotes_by_itself(tmp_path, registry):
+    """A routing file with a rollout policy: the service starts the candidate at 10%, and as
+    users accept its answers (and reject control's) it advances to 50% and then promotes it
+    (the production alias moves), writing each decision to rollout_events."""
+    import shutil
+
+    root = tmp_path / "adapters"
+    shutil.copytree(registry, root)  # the promotion moves this copy's alias, not the shared one
+    routing = tmp_path / "routing.yaml"
+    write_routing(routing, arms=[{"name": "control", "version": "production", "weight": 1},
+                                 {"name": "candidate", "version": "v2", "weight": 1}],
+                  rollout={"steps": [10, 50], "min_samples": 8, "check_every_s": 0.2})
+    db = tmp_path / "m.db"
+    server = start_server(tmp_path, "--routing", str(routing), "--root", str(root), "--db", str(db))
+    try:
+        shares = []
+        for i in range(600):
+            status, body = server.ask(QUESTIONS[i % len(QUESTIONS)], user=f"u{i}")
+            assert status == 200, body
+            verdict = "accepted" if body["arm"] == "candidate" else "rejected"
+            assert server.call("POST", f"/v1/requests/{body['request_id']}/feedback", {"verdict": verdict})[0] == 200
+            with sqlite3.connect(db) as conn:
+                shares = conn.execute("SELECT action, share FROM rollout_events ORDER BY seq").fetchall()
+            if shares[-1][0] == "promote":
+                break
+        assert [a for a, _ in shares if a != "hold"] == ["start", "advance", "promote"], shares
+        assert [s for a, s in shares if a != "hold"] == [10.0, 50.0, 100.0]
+        assert Registry(root).aliases(ADV)["production"] == "v2"
+        deadline = time.time() + 10
+        while server.ask(QUESTIONS[0], user="after")[1]["version"] != "v2":  # re-planned on the promotion
+            assert time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        server.stop()

@@ -26,6 +26,11 @@ Per advisor:
   rare when many checks run). The counting unit is the unit of assignment: distinct
   sticky_key for sticky 'user' / 'image' configs (requests of one user are not
   independent draws, and counting them would raise false alarms), requests otherwise.
+- `outcomes`, `outcome_comparisons`: what users said of the answers (feedback), per arm, and
+  acceptance against control with always-valid and fixed-horizon tests and sequential
+  guardrails (mondrian.ab.outcomes).
+- `rollout`: the timeline of automatic rollouts (rollout_events): every decision, its share
+  and its reason (mondrian.serve.rollout).
 - `flags`: the rollback rule of the plan, per arm and per shadow version: error rate
   above 5% or p95 latency above 500 ms, with the reason.
 """
@@ -37,12 +42,29 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mondrian.ab.outcomes import (
+    Guard,
+    arm_outcomes,
+    compare,
+    format_outcomes,
+    guardrails,
+    read_units,
+)
 from mondrian.core.db import PINNED_ARM, REQUEST_ERROR_SQL, DBError, connect
 from mondrian.evaluate.stats import SRM_ALPHA, mcnemar, percentile, srm_chi2, two_proportion_ztest
+from mondrian.serve.rollout import timeline
 
 ERROR_RATE_MAX = 0.05  # rollback when an arm's error rate is above this
 P95_LATENCY_MAX_MS = 500.0  # ... or its p95 latency is above this
 CONTROL_ARM = "control"
+METHODS = {"ci": "Newcombe hybrid score (method 10); unpooled Wald beside it",
+           "p_value": "two-sided two-proportion z-test, pooled",
+           "srm": "chi-square goodness of fit against the routing config's weights",
+           "shadow": "McNemar on pairs (shadow run vs the served answer it shadowed)",
+           "outcomes": "acceptance from users' feedback; always-valid: asymptotic confidence sequence, "
+                       "normal mixture (Waudby-Smith et al., Annals of Statistics 2024); fixed-horizon "
+                       "two-proportion z-test beside it; guardrails sequential (mondrian.ab.outcomes)",
+           "percentiles": "linear interpolation"}
 
 
 def _open_log(db_path: str | Path) -> sqlite3.Connection:
@@ -218,7 +240,7 @@ def _shadow_pairs(conn: sqlite3.Connection, advisor: str | None, since: str | No
 def ab_report(db_path: str | Path, advisor: str | None = None, control: str | None = None,
               since: str | None = None, *, error_rate_max: float = ERROR_RATE_MAX,
               p95_max_ms: float = P95_LATENCY_MAX_MS, srm_alpha: float = SRM_ALPHA,
-              level: float = 0.95) -> dict:
+              level: float = 0.95, guard: Guard | None = None) -> dict:
     """The A/B report of the requests log at `db_path` (see the module docstring).
 
     `advisor`: only this advisor; `control`: the control arm's name; `since`: only rows
@@ -234,10 +256,13 @@ def ab_report(db_path: str | Path, advisor: str | None = None, control: str | No
                           " AND ".join(["shadow_of IS NOT NULL", *clauses]), params)
         pairs = _shadow_pairs(conn, advisor, since_utc)
         srm = _srm(conn, advisor, since_utc, srm_alpha)
+        clauses_r, params_r = _where(advisor, since_utc, "r.")
+        units = read_units(conn, " AND ".join(clauses_r) or "1", params_r)
+        events = timeline(conn, advisor)
     finally:
         conn.close()
 
-    advisors = sorted({a for a, _ in served} | {a for a, _ in shadow} | set(srm))
+    advisors = sorted({a for a, _ in served} | {a for a, _ in shadow} | set(srm) | {e["advisor"] for e in events})
     if control is not None and advisors and not any((a, control) in served for a in advisors):
         arms = sorted({arm for _, arm in served})
         raise ValueError(f"control: no arm '{control}' in the window (arms: {', '.join(arms) or 'none'})")
@@ -247,11 +272,7 @@ def ab_report(db_path: str | Path, advisor: str | None = None, control: str | No
         "filters": {"advisor": advisor, "control": control, "since": since_utc},
         "thresholds": {"error_rate_max": error_rate_max, "p95_latency_max_ms": p95_max_ms,
                        "srm_alpha": srm_alpha, "ci_level": level},
-        "methods": {"ci": "Newcombe hybrid score (method 10); unpooled Wald beside it",
-                    "p_value": "two-sided two-proportion z-test, pooled",
-                    "srm": "chi-square goodness of fit against the routing config's weights",
-                    "shadow": "McNemar on pairs (shadow run vs the served answer it shadowed)",
-                    "percentiles": "linear interpolation"},
+        "methods": METHODS,
         "advisors": {},
     }
     for adv in advisors:
@@ -260,7 +281,8 @@ def ab_report(db_path: str | Path, advisor: str | None = None, control: str | No
         ctrl = control if control is not None else (
             CONTROL_ARM if CONTROL_ARM in routed else (routed[0] if routed else None))
         entry: dict = {"control": ctrl if ctrl in arms else None, "arms": {}, "comparisons": {},
-                       "shadow": {}, "srm": srm.get(adv, []), "flags": {}}
+                       "outcomes": {arm: arm_outcomes(units.get((adv, arm), [])) for arm in arms},
+                       "outcome_comparisons": {}, "shadow": {}, "srm": srm.get(adv, []), "flags": {}}
         if ctrl is not None and ctrl not in arms:
             entry["note"] = f"control arm '{ctrl}' has no served rows for this advisor"
         for arm, m in arms.items():
@@ -277,6 +299,9 @@ def ab_report(db_path: str | Path, advisor: str | None = None, control: str | No
                 test = two_proportion_ztest(c["compliant"], c["judged"], m["compliant"], m["judged"],
                                             level)
                 entry["comparisons"][arm] = {"against": ctrl, "metric": "compliance_rate"} | test.to_dict()
+                a, b = units.get((adv, ctrl), []), units.get((adv, arm), [])
+                entry["outcome_comparisons"][arm] = {"against": ctrl} | compare(a, b, 1 - level, level=level) | {
+                    "guardrails": guardrails(a, b, guard or Guard(p95_latency_ms=p95_max_ms), 1 - level)}
         for (a, version), m in sorted(shadow.items()):
             if a != adv:
                 continue
@@ -285,6 +310,7 @@ def ab_report(db_path: str | Path, advisor: str | None = None, control: str | No
             if flags:
                 entry["flags"][f"shadow:{version}"] = flags
         entry["srm_detected"] = any(ch.get("srm") for ch in entry["srm"])
+        entry["rollout"] = [e for e in events if e["advisor"] == adv]
         report["advisors"][adv] = entry
     return report
 
@@ -376,6 +402,12 @@ def format_report(report: dict) -> str:
                 lines.append(f"- {rid}: {verdict}, p {_pval(ch['p_value'])}; "
                              f"{split}; unit {ch['unit']}"
                              + (f"; {ch['note']}" if ch.get("note") else ""))
+        lines += format_outcomes(e)
+        if e.get("rollout"):
+            lines += ["", "Rollout timeline (rollout_events):", ""]
+            lines += _table(["at", "rollout", "action", "share", "reason", "decided by"],
+                            [[ev["at"], ev["rollout_id"][:8], ev["action"], f"{ev['share']:g}%", ev["reason"] or "-",
+                              ev["decided_by"] or "-"] for ev in e["rollout"]])
         lines += ["", "Rollback flags:" if e["flags"] else "Rollback flags: none"]
         for arm, flags in e["flags"].items():
             lines.append(f"- {arm}: {'; '.join(flags)}")

@@ -9,6 +9,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from mondrian.core.config import ConfigError
+from mondrian.core.workspace import Workspace, load_workspace
 from mondrian.models.sources import ModelCard, ModelError, resolve
 from mondrian.registry.records import RegistryError
 from mondrian.train.runs import RunStore
@@ -21,6 +23,20 @@ ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False),
 RUNS_DB_OPTION = click.option("--db", "db_path", default="workspace/mondrian.db",
                               show_default=True, type=click.Path(dir_okay=False),
                               help="The database holding the runs.")
+
+
+WORKSPACE_OPTION = click.option(
+    "-w", "--workspace", "workspace", default=".", show_default=True,
+    type=click.Path(file_okay=False),
+    help="Workspace folder (holds mondrian.yaml, the job DB, the data root).")
+
+
+def open_workspace(folder: str) -> Workspace:
+    """The workspace in `folder`; a bad mondrian.yaml is a clean exit 1."""
+    try:
+        return load_workspace(folder)
+    except ConfigError as exc:
+        fail(exc)
 
 
 def echo_json(obj: Any) -> None:

@@ -6,27 +6,14 @@ from pathlib import Path
 
 import click
 
-from mondrian.cli.common import echo_json, fail
+from mondrian.cli.common import WORKSPACE_OPTION, echo_json, fail, open_workspace
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import get_advisor
 from mondrian.core.db import DBError
-from mondrian.core.workspace import Workspace, load_workspace
 from mondrian.dataset.build import build_dataset
 from mondrian.demo.workspace import write_demo_workspace
 from mondrian.link.linker import REASONS, link_workspace
 from mondrian.models.sources import ModelError, resolve
-
-WORKSPACE_OPTION = click.option(
-    "-w", "--workspace", "workspace", default=".", show_default=True,
-    type=click.Path(file_okay=False),
-    help="Workspace folder (holds mondrian.yaml, the job DB, the data root).")
-
-
-def _workspace(folder: str) -> Workspace:
-    try:
-        return load_workspace(folder)
-    except ConfigError as exc:
-        fail(exc)
 
 
 @click.command("demo-data")
@@ -63,7 +50,7 @@ def demo_data(folder: str, n_fit: int, n_photo: int, image_size: int, seed: int,
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def link(workspace: str, advisors: tuple[str, ...], out: str | None, as_json: bool) -> None:
     """Link jobs into training pairs; every job is linked or rejected with a reason."""
-    ws = _workspace(workspace)
+    ws = open_workspace(workspace)
     try:
         summary = link_workspace(ws, out, list(advisors) or None, progress=not as_json)
     except (DBError, ValueError) as exc:
@@ -96,7 +83,7 @@ def link(workspace: str, advisors: tuple[str, ...], out: str | None, as_json: bo
 def dataset(workspace: str, advisor: str, manifest: str | None, out: str | None, ratios: str,
             model_spec: str, max_seq_length: int, as_json: bool) -> None:
     """Build leakage-free train/valid/test files from a link manifest."""
-    ws = _workspace(workspace)
+    ws = open_workspace(workspace)
     try:
         contract = get_advisor(advisor, [ws.advisors_path])
         split = tuple(float(x) for x in ratios.split(","))

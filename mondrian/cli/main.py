@@ -9,7 +9,7 @@ from importlib import metadata
 
 import click
 
-from mondrian.cli import ab, adapters, data, demo, evaluate, models, serve, train
+from mondrian.cli import ab, adapters, data, demo, evaluate, loop, models, serve, train
 from mondrian.cli.common import echo_json
 from mondrian.core import blas
 from mondrian.models.sources import model_home
@@ -47,7 +47,7 @@ def info(as_json: bool) -> None:
 
 for _command in (models.models, models.generate, data.demo_data, data.link, data.dataset,
                  train.train_cmd, train.runs, adapters.adapters, evaluate.eval_cmd, demo.demo,
-                 serve.serve, serve.service, ab.ab):
+                 serve.serve, serve.service, loop.feedback, loop.harvest_cmd, ab.ab):
     cli.add_command(_command)
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import click
 
+from mondrian.ab.rollout import judge
 from mondrian.cli.common import ROOT_OPTION, base_model, echo_json, fail
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import load_advisors
+from mondrian.core.db import PAYLOAD_MODES
 from mondrian.serve.config import ServiceConfig
 from mondrian.serve.errors import ServiceError
 from mondrian.serve.service import Service
@@ -51,10 +53,15 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
 @click.option("--unconstrained", is_flag=True,
               help="Decode text advisors freely; by default their answers are decoded under the "
                    "contract's JSON-Schema grammar (lists unique and capped).")
+@click.option("--log-payloads", type=click.Choice(PAYLOAD_MODES), default="full", show_default=True,
+              help="What a requests row keeps: full = the input and answer texts (and each image once, "
+                   "by hash, in --image-store), hash = only their sha256s, off = neither.")
+@click.option("--image-store", type=click.Path(file_okay=False),
+              help="Folder for request images under --log-payloads full [request-images/ beside --db].")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
           db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
           admin_token_file: str | None, max_batch: int, max_versions: int, ready_file: str | None,
-          unconstrained: bool) -> None:
+          unconstrained: bool, log_payloads: str, image_store: str | None) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
     from mondrian.serve.app import run_server  # noqa: PLC0415 - heavy: fastapi + uvicorn
@@ -68,8 +75,9 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
             raise click.ClickException(f"{admin_token_file}: the admin token file is empty")
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
                         advisors=list(advisors), model=model_spec, admin_token=admin_token,
-                        max_batch=max_batch, max_versions=max_versions, constrained=not unconstrained)
-    service = Service(cfg, _resolve_model, load_advisors())
+                        max_batch=max_batch, max_versions=max_versions, constrained=not unconstrained,
+                        log_payloads=log_payloads, image_store=image_store)
+    service = Service(cfg, _resolve_model, load_advisors(), judge=judge)
     try:
         service.start()
     except ServiceError as exc:

@@ -31,6 +31,7 @@ from mondrian.core.contracts import Advisor, load_advisors, loads_strict, lone_s
 from mondrian.core.db import connect, count_jobs, create_link_cache_tables, open_db, read_jobs
 from mondrian.core.workspace import Workspace
 from mondrian.link.files import FileProblem, check_regular, file_stat, pil_pixel_limit, read_regular
+from mondrian.link.harvest import RETRACTED
 
 # Reason codes, in the order the checks run. One job, one reason: the first that applies.
 REASONS = {
@@ -51,6 +52,7 @@ REASONS = {
     "analysis_too_large": "the analysis is larger than allowed",
     "invalid_json": "the analysis is not a UTF-8 JSON object",
     "contract_violation": "the analysis breaks the advisor's JSON Schema",
+    "superseded": "a user's correction (a harvested job) answers the same input: the correction wins",
     "duplicate": "same input and same answer as an earlier linked job",
     "duplicate_conflict": "same input as an earlier linked job but a different answer",
     "internal_error": "mondrian failed on this record (a bug: please report the detail); the run went on",
@@ -158,6 +160,7 @@ class Linker:
         self.completed = {s.strip().lower() for s in ws.completed_status}
         self.seen_ids: set[str] = set()
         self.seen_inputs: dict[tuple[str, str], tuple[str, str]] = {}  # (advisor, group) -> (job, out sha)
+        self.corrections: dict[tuple[str, str], str] = {}  # (advisor, group) -> the correction's job id
 
     # -- paths ---------------------------------------------------------------------------------
     def resolve(self, rel, what: str) -> str:
@@ -310,6 +313,9 @@ class Linker:
             raise Reject("contract_violation", violation)
         output = advisor.normalize(obj)
         out_sha = hashlib.sha256(advisor.render(output).encode()).hexdigest()
+        correction = self.corrections.get((advisor.name, group))
+        if correction is not None and correction != job_key(job_id):
+            raise Reject("superseded", f"job {correction!r} is a user's correction for the same input")
         first = self.seen_inputs.get((advisor.name, group))
         if first is not None:
             kind = "duplicate" if first[1] == out_sha else "duplicate_conflict"
@@ -317,6 +323,26 @@ class Linker:
                                                                      if kind == "duplicate_conflict" else ""))
         self.seen_inputs[(advisor.name, group)] = (job_key(job_id), out_sha)
         return {"input": inp, "output": output, "output_sha256": out_sha, "group": group}
+
+
+def harvested_corrections(db, ws: Workspace, contracts: dict[str, Advisor]) -> dict[tuple[str, str], str]:
+    """(advisor, leakage group) -> job id of the first live correction `mondrian harvest` wrote
+    for that input; they outrank every other job with the same input."""
+    table = ws.jobs_table
+    if table not in db.table_names() or "harvest_verdict" not in db[table].columns_dict:
+        return {}
+    c = ws.columns
+    cols = ", ".join(f'"{name}"' if name else "NULL" for name in (c.job_id, c.advisor, c.input_text, c.image_sha256))
+    out: dict[tuple[str, str], str] = {}
+    rows = db.execute(f'SELECT {cols} FROM "{table}" WHERE harvest_verdict = \'corrected\' '
+                      f'AND "{c.status}" <> ? ORDER BY rowid', (RETRACTED,))
+    for job_id, advisor, text, image_sha in rows:
+        contract = contracts.get(advisor)
+        if contract is None:
+            continue
+        group = text_group(text or "") if contract.input_kind == "text" else (image_sha or "").lower()
+        out.setdefault((advisor, group), job_key(job_id))
+    return out
 
 
 def job_key(job_id) -> str | None:
@@ -364,6 +390,7 @@ def link_workspace(ws: Workspace, out_dir: str | Path | None = None, advisors: l
     db = open_db(ws.db_path)
     cache = LinkCache(Path(ws.root) / ".mondrian" / "link_cache.sqlite")
     linker = Linker(ws, contracts, cache)
+    linker.corrections = harvested_corrections(db, ws, contracts)
     summary = LinkSummary(workspace=ws.root, data_root=str(ws.data_path), manifest=str(out.resolve()))
     jobs_hash, manifest_hash = hashlib.sha256(), hashlib.sha256()
     try:

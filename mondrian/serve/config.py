@@ -23,3 +23,11 @@ class ServiceConfig:
     max_versions: int = 8  # LoRA versions loaded per base model; what a plan serves is never evicted
     poll_s: float = 0.5
     constrained: bool = True  # text advisors decode under their contract's grammar
+    log_payloads: str = "full"  # what a requests row keeps of input and answer: full | hash | off
+    image_store: str | Path | None = None  # request images (full); None = request-images/ beside the db
+
+    def images_folder(self) -> Path | None:
+        """Where `log_payloads: full` keeps request images (None: nothing is recorded)."""
+        if self.db_path is None or self.log_payloads != "full":
+            return None
+        return Path(self.image_store) if self.image_store else Path(self.db_path).resolve().parent / "request-images"

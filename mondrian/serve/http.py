@@ -3,7 +3,7 @@ dependency injection (`get_service` reads `app.state.service`, which `app.create
 
 Public routes (`router`): `GET /health`, `GET /v1/models`, `POST /v1/advisors/{advisor}/analyze`
 (JSON or a multipart form with an image), `POST /v1/chat/completions` (OpenAI-compatible,
-greedy, non-streaming). Admin routes (`admin_router`, bearer token): `GET /admin/state`,
+greedy, non-streaming; its `id` is the request id), `POST /v1/requests/{request_id}/feedback`. Admin routes (`admin_router`, bearer token): `GET /admin/state`,
 `POST /admin/advisors/{advisor}/load|activate|rollback`, `POST /admin/reload`. Errors are
 OpenAI's error object (`guards.error_response`); body size and arrival time are bounded by
 `guards.BodyGuard`.
@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from mondrian.core.contracts import lone_surrogate
 from mondrian.serve import openapi
 from mondrian.serve.errors import ServiceError
+from mondrian.serve.feedback import Verdict
 from mondrian.serve.guards import error_response
 from mondrian.serve.service import Service
 from mondrian.serve.uploads import data_url_bytes, read_analyze_form
@@ -178,7 +179,8 @@ async def chat(request: Request, service: ServiceDep) -> dict:
     out = await service.answer(advisor, text, user=user, endpoint="chat", pin=pin or None,
                                max_tokens=max_tokens, image=image)
     return {
-        "id": f"chatcmpl-{out['request_id'][4:]}", "object": "chat.completion", "created": int(time.time()),
+        # the id is the request id, so a client can send feedback on it (/v1/requests/{id}/feedback)
+        "id": out["request_id"], "object": "chat.completion", "created": int(time.time()),
         "model": f"{advisor}@{out['version'] or 'base'}",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                      "finish_reason": "length" if out["finish_reason"] == "length" else "stop",
@@ -186,6 +188,13 @@ async def chat(request: Request, service: ServiceDep) -> dict:
         "usage": out["usage"],
         "mondrian": {k: out[k] for k in ("request_id", "arm", "version", "contract_ok", "fallback")},
     }
+
+
+@router.post("/v1/requests/{request_id}/feedback", openapi_extra=openapi.FEEDBACK)
+async def feedback(request_id: str, request: Request, service: ServiceDep) -> dict:
+    """A user's verdict on an answer the service gave (the `id` a route returned)."""
+    verdict = Verdict.from_body(await read_json(request, service))
+    return await asyncio.to_thread(service.record_feedback, request_id, verdict)
 
 
 # ---- admin (require_admin runs before each handler)

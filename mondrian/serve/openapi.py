@@ -46,3 +46,9 @@ CHAT = _json_body({
 LOAD = _json_body({"version": {"type": "string"}}, ["version"])
 ACTIVATE = _json_body({"version": {"type": "string"}, "alias": {"type": "string"}}, ["version"])
 ROLLBACK = _json_body({"alias": {"type": "string"}}, [], optional_body=True)
+FEEDBACK = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["verdict"], "additionalProperties": False,
+    "properties": {"verdict": {"enum": ["accepted", "rejected", "corrected"]},
+                   "answer": {"type": "object", "description": "the right answer (verdict corrected only); "
+                                                           "it must meet the advisor's contract"},
+                   "user": {"type": "string", "description": "who judged; one current verdict per user"}}}}}}}

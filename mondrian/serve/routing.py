@@ -14,6 +14,10 @@ answers when an arm fails:
         sticky: user                 # user (the client's user id) | image (the image's sha256) | none
         fallback: production         # production | base | none: answers when an arm errors or breaks the contract
         max_tokens: 256
+        rollout:                     # optional canary: the service moves the weights itself (serve/rollout.py)
+          steps: [5, 25, 50]         # candidate share (%) per step; after the last, promote to production
+          min_samples: 200           # judged requests an arm per step
+          guardrails: {error_rate: 0.01, p95_latency_ms: 500}
 
 Assignment is a pure function of (advisor, sticky key, weights): sha256 of the advisor and the
 key mapped to [0, 1) and cut by the cumulative weights, so a user keeps their arm across
@@ -50,6 +54,49 @@ class Arm:
             self.version = None
 
 
+PROMOTE_WHEN = ("better", "no_harm")
+GUARDRAIL_KEYS = ("error_rate", "fallback_rate", "contract_failure_rate", "p95_latency_ms")
+
+
+@dataclass
+class Rollout:
+    """A canary policy: the candidate arm's share moves through `steps` (percent), each step
+    judged on its own evidence (mondrian.ab.rollout); the last step promotes the candidate's
+    version to production. Margins in `guardrails` are how much worse than control (absolute
+    rates) the candidate may be; `p95_latency_ms` is a limit."""
+
+    control: str = "control"
+    candidate: str = "candidate"
+    steps: list[float] = field(default_factory=lambda: [5.0, 25.0, 50.0])
+    min_samples: int = 200  # judged requests an arm, per step, before it may advance
+    alpha: float = 0.05
+    promote_when: str = "better"  # better | no_harm
+    guardrails: dict = field(default_factory=dict)
+    check_every_s: float = 30.0
+
+    def __post_init__(self):
+        steps = self.steps
+        if (not isinstance(steps, list) or not steps or any(isinstance(x, bool) or not isinstance(x, int | float)
+                                                             or not 0 < x <= 100 for x in steps)
+                or steps != sorted(set(steps))):
+            raise ValueError(f"rollout.steps {steps!r} must be increasing percentages in (0, 100]")
+        if not isinstance(self.min_samples, int) or self.min_samples < 1:
+            raise ValueError(f"rollout.min_samples {self.min_samples!r} must be an integer >= 1")
+        if not isinstance(self.alpha, float) or not 0 < self.alpha < 0.5:
+            raise ValueError(f"rollout.alpha {self.alpha!r} must be a number in (0, 0.5)")
+        if self.promote_when not in PROMOTE_WHEN:
+            raise ValueError(f"rollout.promote_when {self.promote_when!r} must be one of {', '.join(PROMOTE_WHEN)}")
+        bad = sorted(set(self.guardrails) - set(GUARDRAIL_KEYS)) if isinstance(self.guardrails, dict) else ["?"]
+        if bad:
+            raise ValueError(f"rollout.guardrails: unknown {bad} (known: {', '.join(GUARDRAIL_KEYS)})")
+        if not isinstance(self.check_every_s, int | float) or self.check_every_s <= 0:
+            raise ValueError(f"rollout.check_every_s {self.check_every_s!r} must be > 0")
+
+    def policy(self) -> dict:
+        return {"min_samples": self.min_samples, "alpha": self.alpha, "promote_when": self.promote_when,
+                "guardrails": dict(self.guardrails)}
+
+
 @dataclass
 class AdvisorRoute:
     model: str | None = None
@@ -58,9 +105,16 @@ class AdvisorRoute:
     sticky: str = "user"
     fallback: str = "production"
     max_tokens: int = 256
+    rollout: Rollout | None = None
 
     def __post_init__(self):
         self.arms = [from_dict(Arm, a, "arms[]") if isinstance(a, dict) else a for a in self.arms]
+        if isinstance(self.rollout, dict):
+            self.rollout = from_dict(Rollout, self.rollout, "rollout")
+        if self.rollout is not None and sorted(a.name for a in self.arms) != sorted(
+                (self.rollout.control, self.rollout.candidate)):
+            raise ValueError(f"a rollout routes between exactly two arms, {self.rollout.control!r} and "
+                             f"{self.rollout.candidate!r}; the arms are {[a.name for a in self.arms]}")
         if self.sticky not in STICKY:
             raise ValueError(f"sticky {self.sticky!r} must be one of {', '.join(STICKY)}")
         if self.fallback not in FALLBACK:

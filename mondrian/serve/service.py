@@ -1,15 +1,10 @@
-"""The advisor service: the engine's workers behind A/B routing, fallback, shadow and the
-request log; `mondrian.serve.app` puts it behind FastAPI (routes: `mondrian.serve.http`).
+"""The advisor service: the engine's workers behind A/B routing, fallback, shadow, the request
+log and feedback; `mondrian.serve.app` puts it behind FastAPI (routes: `mondrian.serve.http`).
+Which versions serve is the control plane's job (`mondrian.serve.control`).
 
 A request (`Service.answer`) names an advisor and optionally pins a version (alias or vN);
 it is answered with the parsed object, the arm, the version that served it and whether it
 met the advisor's contract. `/v1/chat/completions` is the OpenAI-compatible form of the same.
-
-The registry's aliases are the control plane: `activate` loads and smoke-tests the version on
-the model's worker first and only then moves the alias (default `production`) and re-plans
-the advisor; `rollback` does the same for the alias's previous version. The routing file is
-re-read when it changes (polled), without a restart; a file or version that fails keeps the
-old plan serving and is reported in `/admin/state`.
 
 Prompts are built per version by `mondrian.core.retrieval.prompt_messages`: a version whose
 folder holds a retrieval index (it was trained with one) shows its k nearest examples, the
@@ -17,6 +12,9 @@ base and versions without one show none; the row records which examples the answ
 
 Every routed request's row is committed to the `requests` table before its answer is sent
 (`mondrian.serve.requests_log`, group commit), so an answered request survives a kill -9.
+The row keeps the input and the answer as `log_payloads` says (full, hash or off); with
+`full`, a request's image is kept once by its sha256 in the image store. Users' verdicts on
+answers go to the `feedback` table (`mondrian.serve.feedback`).
 The service never imports `lora`: the CLI hands it a model resolver.
 """
 
@@ -25,47 +23,31 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from mondrian.core.config import ConfigError
 from mondrian.core.contracts import Advisor, loads_strict
 from mondrian.core.db import create_request_tables
-from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
-from mondrian.models.constrained import SchemaConstraint
-from mondrian.models.generation import GenerationError
-from mondrian.registry.records import RegistryError
-from mondrian.registry.store import Registry
+from mondrian.core.retrieval import RetrievalIndex
 from mondrian.serve.config import ServiceConfig
-from mondrian.serve.engine import Answer, EngineError, ModelWorker
+from mondrian.serve.control import ControlPlane, ModelResolver, Served
+from mondrian.serve.engine import Answer
 from mondrian.serve.errors import ServiceError
+from mondrian.serve.feedback import FeedbackStore, Verdict
 from mondrian.serve.prompts import Prompts
-from mondrian.serve.requests_log import RequestLog, now_iso, record_routing
-from mondrian.serve.routing import AdvisorRoute, Arm, Plan, ResolvedArm, RoutingConfig, load_routing
+from mondrian.serve.requests_log import (
+    ImageStore,
+    RequestLog,
+    now_iso,
+    payload_fields,
+)
+from mondrian.serve.rollout import Judge
+from mondrian.serve.routing import Plan, ResolvedArm
 from mondrian.serve.uploads import checked_input
 from mondrian.serve.vision import VisionWorker
 
 log = logging.getLogger("mondrian.serve")
-
-# spec -> (name, folder, fingerprint); given by the CLI (mondrian.models.sources.resolve) or a test
-ModelResolver = Callable[[str], tuple[str, Path, str]]
-
-
-@dataclass
-class Served:
-    plan: Plan
-    worker: ModelWorker
-    advisor: Advisor
-    route: AdvisorRoute
-    constraint: SchemaConstraint | None = None  # the contract's grammar; None = free decoding
-
-    def processor(self) -> Callable | None:
-        """A fresh logits processor for one request (each holds its own grammar state)."""
-        return self.constraint.processor() if self.constraint else None
 
 
 @dataclass
@@ -82,266 +64,24 @@ class _Outcome:
     fallback_reason: str | None = None
 
 
-class Service:
-    def __init__(self, cfg: ServiceConfig, resolve_model: ModelResolver, advisors: dict[str, Advisor]):
-        self.cfg, self.resolve_model, self.contracts = cfg, resolve_model, advisors
-        self.registry = Registry(cfg.registry_root)
-        self.workers: dict[str, ModelWorker] = {}  # by base-model fingerprint
-        self._spec_workers: dict[str, ModelWorker] = {}
-        self.served: dict[str, Served] = {}
-        self._constraints: dict[tuple[str, str], SchemaConstraint] = {}
-        self._indexes: dict[tuple[str, str], RetrievalIndex | None] = {}  # (advisor, version)
-        self._pending: set[tuple[str, str]] = set()  # a plan's versions while apply() loads them
-        self.routing = RoutingConfig()
-        self.routing_mtime: float | None = None
-        self.last_reload: dict = {}
-        self.events: list[dict] = []
-        self.lock = threading.RLock()  # plan changes (admin, reloads) one at a time
+class Service(ControlPlane):
+    def __init__(self, cfg: ServiceConfig, resolve_model: ModelResolver, advisors: dict[str, Advisor],
+                 judge: Judge | None = None):
+        super().__init__(cfg, resolve_model, advisors, judge)
         self.log = RequestLog(cfg.db_path) if cfg.db_path else RequestLog.disabled()
+        payload_fields(cfg.log_payloads, None, None, None)  # an unknown mode fails at startup
+        self.images = ImageStore(cfg.images_folder()) if cfg.images_folder() else None
+        self.feedback = FeedbackStore(cfg.db_path, advisors) if cfg.db_path else None
         if cfg.db_path:
             create_request_tables(cfg.db_path)
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-
-    # ---- lifecycle
-
-    def start(self) -> None:
-        """Load the routing file (if any) and every advisor's plan; fails loudly at startup."""
-        if self.cfg.routing_path:
-            self.routing = load_routing(self.cfg.routing_path)
-            self.routing_mtime = Path(self.cfg.routing_path).stat().st_mtime
-        names = list(self.routing.advisors) + [a for a in self.cfg.advisors if a not in self.routing.advisors]
-        if not names:
-            raise ConfigError("nothing to serve: name advisors (--advisor) or a routing file with advisors")
-        for name in names:
-            self.apply(name)
-        if self.cfg.routing_path:
-            self._watcher = threading.Thread(target=self._watch, name="routing-watch", daemon=True)
-            self._watcher.start()
 
     def close(self) -> None:
         if self._stop.is_set():
             return
-        self._stop.set()
-        for w in self.workers.values():
-            w.close()
+        super().close()
         self.log.close()
-
-    def _event(self, kind: str, **info) -> None:
-        self.events.append({"at": now_iso(), "event": kind, **info})
-        del self.events[:-200]
-
-    # ---- plans
-
-    def route_for(self, advisor: str) -> AdvisorRoute:
-        route = self.routing.advisors.get(advisor)
-        if route is not None:
-            return route
-        arm = Arm("production", "production") if self._production(advisor) else Arm("base", None)
-        return AdvisorRoute(arms=[arm])
-
-    def _production(self, advisor: str) -> str | None:
-        return self.registry.aliases(advisor).get("production")  # {} for an advisor with no versions
-
-    def _ref(self, advisor: str, ref: str | None) -> str | None:
-        if ref is None:
-            return None
-        try:
-            return self.registry.show(advisor, ref).version
-        except RegistryError as exc:
-            raise ServiceError(404, f"{advisor}: no version or alias {ref!r} ({exc})") from None
-
-    def _worker(self, spec: str, vision: bool = False) -> ModelWorker | VisionWorker:
-        """The worker for a model spec: resolved once per spec (a folder without a card is hashed
-        to resolve, and plans are re-made on every activate), one worker per fingerprint. Image
-        advisors get a `VisionWorker` (mlx-vlm), text advisors a `ModelWorker` (mlx-lm)."""
-        worker = self._spec_workers.get(spec)
-        if worker is None:
-            name, path, fingerprint = self.resolve_model(spec)
-            worker = self.workers.get(fingerprint)
-            if worker is None:
-                worker = (VisionWorker(name, path, fingerprint, max_versions=self.cfg.max_versions) if vision
-                          else ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch,
-                                           max_versions=self.cfg.max_versions))
-                worker.keep = lambda w=worker: self._kept(w)
-                try:
-                    worker.wait_ready(600)
-                except EngineError as exc:
-                    worker.close()
-                    raise ServiceError(400, f"model {spec}: {exc}") from None
-                self.workers[fingerprint] = worker
-            self._spec_workers[spec] = worker
-        if isinstance(worker, VisionWorker) != vision:
-            raise ServiceError(400, f"model {spec} is served as a {'vision' if not vision else 'text'} model "
-                                    f"here; an {'image' if vision else 'text'} advisor cannot share it")
-        return worker
-
-    def ensure_loaded(self, advisor: str, version: str, worker: ModelWorker) -> None:
-        """Verify (checksums, base fingerprint) and load a version on its worker, once."""
-        if (advisor, version) in worker.versions:
-            return
-        try:
-            path = self.registry.resolve(advisor, version, worker.fingerprint)
-            index = RetrievalIndex.load(path / INDEX_FILE).fit() if (path / INDEX_FILE).is_file() else None
-            worker.load(advisor, version, path)
-            self._indexes[(advisor, version)] = index
-        except (RegistryError, EngineError, RetrievalError) as exc:
-            raise ServiceError(409, f"refused {advisor} {version}: {exc}") from None
-        self._event("loaded", advisor=advisor, version=version)
-
-    def apply(self, advisor: str, route: AdvisorRoute | None = None) -> Plan:
-        """Resolve an advisor's route (aliases -> versions), load what it needs, then switch to
-        it in one assignment. On any failure the old plan keeps serving."""
-        with self.lock:
-            contract = self.contracts.get(advisor)
-            if contract is None:
-                raise ServiceError(404, f"unknown advisor {advisor!r} (known: {', '.join(sorted(self.contracts))})")
-            route = route or self.route_for(advisor)
-            arms = tuple(ResolvedArm(a.name, a.version, self._ref(advisor, a.version), a.weight) for a in route.arms)
-            if not arms:
-                raise ServiceError(400, f"{advisor}: the route has no arms")
-            production = self._production(advisor)
-            fallback_version = {"production": production, "base": None, "none": None}[route.fallback]
-            spec = route.model or self.cfg.model
-            if spec is None:
-                version = next((a.version for a in arms if a.version), production)
-                if version is None:
-                    raise ServiceError(400, f"{advisor}: name the base model (route `model:` or --model)")
-                spec = self.registry.show(advisor, version).card.base_model
-            worker = self._worker(spec, vision=contract.input_kind == "image")
-            plan = Plan(advisor, arms, self._ref(advisor, route.shadow), route.sticky, route.fallback,
-                        fallback_version, route.max_tokens)
-            needed = {(advisor, v) for v in plan.versions() | {production} if v}
-            others = self._kept(worker, but=advisor)
-            if len(needed | others) > worker.max_versions:
-                raise ServiceError(409, f"{advisor}: the plan needs {len(needed | others)} versions loaded on "
-                                        f"{worker.name} ({len(needed)} its own); the limit is {worker.max_versions} "
-                                        "(start the service with a larger --max-versions)")
-            self._pending = needed  # kept while they load, before the plan is in self.served
-            try:
-                for version in sorted(plan.versions()):
-                    self.ensure_loaded(advisor, version, worker)
-            finally:
-                self._pending = set()
-            if self.cfg.db_path:
-                record_routing(self.cfg.db_path, plan.routing_id, advisor, plan.describe())
-            self.served[advisor] = Served(plan, worker, contract, route, self._constraint(contract, worker))
-            self._event("plan", advisor=advisor, routing_id=plan.routing_id,
-                        arms={a.name: a.version or "base" for a in arms})
-            return plan
-
-    def _kept(self, worker: ModelWorker | VisionWorker, but: str | None = None) -> set[tuple[str, str]]:
-        """The versions a worker must keep loaded: every version a served plan routes to (arms,
-        shadow, fallback) and each advisor's production, plus a plan being applied."""
-        kept = set(self._pending) if but is None else set()
-        for name, s in list(self.served.items()):
-            if s.worker is worker and name != but:
-                kept |= {(name, v) for v in s.plan.versions() | {self._production(name)} if v}
-        return kept
-
-    def _constraint(self, contract: Advisor, worker: ModelWorker | VisionWorker) -> SchemaConstraint | None:
-        """The advisor's grammar on the worker's tokenizer, built once (~2 s) and kept; lists
-        are capped by the contract's own maxItems and never repeat an item."""
-        if not self.cfg.constrained or isinstance(worker, VisionWorker):
-            return None
-        key = (contract.fingerprint, worker.fingerprint)
-        if key not in self._constraints:
-            try:
-                self._constraints[key] = SchemaConstraint(contract.schema, worker.tokenizer)
-            except GenerationError as exc:
-                raise ServiceError(400, f"advisor {contract.name}: {exc} (serve it with --unconstrained)") from None
-        return self._constraints[key]
-
-    def load_version(self, advisor: str, ref: str) -> str:
-        """Verify and load `ref` (alias or vN) on the advisor's worker; returns the version."""
-        served = self.serving(advisor)
-        version = self._ref(advisor, ref)
-        self.ensure_loaded(advisor, version, served.worker)
-        return version
-
-    def activate(self, advisor: str, ref: str, alias: str = "production") -> dict:
-        with self.lock:
-            served = self.serving(advisor)
-            version = self._ref(advisor, ref)
-            self.ensure_loaded(advisor, version, served.worker)  # smoke-tested before anything moves
-            previous = self.registry.aliases(advisor).get(alias)
-            try:
-                self.registry.set_alias(advisor, alias, version)
-            except RegistryError as exc:
-                raise ServiceError(400, str(exc)) from None
-            plan = self.apply(advisor, served.route)
-            return {"advisor": advisor, "alias": alias, "version": version, "previous": previous,
-                    "routing_id": plan.routing_id}
-
-    def rollback(self, advisor: str, alias: str = "production") -> dict:
-        with self.lock:
-            served = self.serving(advisor)
-            try:
-                target = self.registry.rollback_target(advisor, alias)
-            except RegistryError as exc:
-                raise ServiceError(409, str(exc)) from None
-            self.ensure_loaded(advisor, target, served.worker)
-            try:
-                version = self.registry.rollback(advisor, alias)
-            except RegistryError as exc:
-                raise ServiceError(409, str(exc)) from None
-            plan = self.apply(advisor, served.route)
-            return {"advisor": advisor, "alias": alias, "version": version, "routing_id": plan.routing_id}
-
-    def reload(self) -> dict:
-        """Re-read the routing file and re-plan every advisor; all or nothing."""
-        with self.lock:
-            if not self.cfg.routing_path:
-                raise ServiceError(400, "the service was started without a routing file")
-            try:
-                routing = load_routing(self.cfg.routing_path)
-                old = self.routing
-                self.routing = routing
-                try:
-                    plans = {name: self.apply(name) for name in
-                             list(routing.advisors) + [a for a in self.served if a not in routing.advisors]}
-                except Exception:
-                    self.routing = old
-                    for name in list(self.served):
-                        self.apply(name)
-                    raise
-            except (ConfigError, ServiceError, RegistryError) as exc:
-                msg = exc.message if isinstance(exc, ServiceError) else str(exc)
-                self.last_reload = {"at": now_iso(), "ok": False, "error": msg}
-                self._event("reload-refused", error=msg)
-                raise ServiceError(409, f"routing reload refused, the old plan keeps serving: {msg}") from None
-            self.last_reload = {"at": now_iso(), "ok": True}
-            return {name: p.routing_id for name, p in plans.items()}
-
-    def _watch(self) -> None:
-        path = Path(self.cfg.routing_path)
-        while not self._stop.wait(self.cfg.poll_s):
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                continue
-            if mtime != self.routing_mtime:
-                self.routing_mtime = mtime
-                try:
-                    self.reload()
-                except ServiceError:
-                    pass  # recorded in last_reload / events
-
-    def serving(self, advisor: str) -> Served:
-        served = self.served.get(advisor)
-        if served is None:
-            raise ServiceError(404, f"advisor {advisor!r} is not served here (served: {', '.join(sorted(self.served))})")
-        return served
-
-    def state(self) -> dict:
-        return {
-            "advisors": {name: {"plan": s.plan.describe(), "routing_id": s.plan.routing_id,
-                                "model": s.worker.name, "base_fingerprint": s.worker.fingerprint}
-                         for name, s in self.served.items()},
-            "models": {w.name: {"fingerprint": fp, "loaded": {f"{a}@{v}": lv.slot for (a, v), lv in w.versions.items()},
-                                **w.stats()} for fp, w in self.workers.items()},
-            "last_reload": self.last_reload, "events": self.events[-20:],
-        }
+        if self.feedback is not None:
+            self.feedback.close()
 
     # ---- answering
 
@@ -389,9 +129,11 @@ class Service:
             "completion_tokens": final.generation.tokens if final is not None else None,
             "constrained": int(served.constraint is not None),
             "examples": prompts.examples(final.version if final is not None else arm.version),
-        }
+        } | payload_fields(self.cfg.log_payloads, text, image_key, final.generation.text if final else None)
         if plan.shadow and pin is None:
-            self._shadow(served, plan, request_id, prompts, limit, received, sticky_key)
+            self._shadow(served, plan, request_id, prompts, limit, received, sticky_key, image_key)
+        if image is not None and self.images is not None:  # the row never names an image not kept
+            await asyncio.to_thread(self.images.keep, image, image_key)
         await self._record(row)  # committed before the answer leaves
         if final is None:
             raise ServiceError(500, f"{advisor}: generation failed ({out.error}); request {request_id}")
@@ -401,6 +143,11 @@ class Service:
                 "finish_reason": final.generation.finish_reason, "latency_ms": round(latency_ms, 3),
                 "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generation.tokens,
                           "total_tokens": final.prompt_tokens + final.generation.tokens}}
+
+    def record_feedback(self, request_id: str, verdict: Verdict) -> dict:
+        if self.feedback is None:
+            raise ServiceError(409, "this service records no requests (started with --db ''), so no feedback")
+        return self.feedback.record(request_id, verdict)
 
     def problems(self) -> list[str]:
         """What keeps the service from answering and keeping what it answers (for /health)."""
@@ -461,7 +208,7 @@ class Service:
         return out
 
     def _shadow(self, served: Served, plan: Plan, request_id: str, prompts: Prompts, limit: int,
-                received: str, sticky_key: str | None) -> None:
+                received: str, sticky_key: str | None, image_key: str | None) -> None:
         """The shadow version answers too, off the request path; only its row is kept."""
         t0 = time.perf_counter()
         try:
@@ -485,8 +232,11 @@ class Service:
                 row |= {"status": 200, "served_version": a.version, "contract_ok": int(ok),
                         "prompt_tokens": a.prompt_tokens, "completion_tokens": a.generation.tokens,
                         "queue_ms": a.queue_s * 1000}
+                answer = a.generation.text
             except Exception as exc:  # noqa: BLE001
                 row |= {"status": 500, "error": f"{type(exc).__name__}: {exc}"}
+                answer = None
+            row |= payload_fields(self.cfg.log_payloads, prompts.text, image_key, answer)
             self.log.submit(row)
 
         fut.add_done_callback(done)
