@@ -89,6 +89,8 @@ COMMANDS = [
     ["dataset", "-w", "{tmp}/ws2", "--advisor", "photo-critic", "--model", "tiny:qwen2-vl"],
     ["train", "--config", "{tmp}/train.yaml", "--no-progress"],
     ["runs", "list", "--db", "{tmp}/ws/mondrian.db"],
+    ["harvest", "-w", "{tmp}/ws", "--json"],
+    ["ab", "report", "--db", "{tmp}/ws/mondrian.db"],
 ]
 TRAIN_YAML = """model: tiny:llama
 data: {tmp}/ws/datasets/fit-query

@@ -24,8 +24,9 @@ def ab() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ab_report_cmd(db_path: str, advisor: str | None, control: str | None, since: str | None,
                   as_json: bool) -> None:
-    """Per arm: compliance, fallbacks, errors, latency; arms vs control; shadow; SRM; rollback
-    flags."""
+    """Per arm: compliance, fallbacks, errors, latency; outcomes from users' feedback with
+    always-valid tests and sequential guardrails; arms vs control; shadow; SRM; the rollout
+    timeline; rollback flags."""
     try:
         report = ab_report(db_path, advisor=advisor, control=control, since=since)
     except ValueError as exc:  # includes mondrian.core.db.DBError

@@ -25,15 +25,19 @@ from mondrian.train.loop import TrainError
               help="A/B requests sent to the service.")
 @click.option("--max-seq-length", default=512, show_default=True, type=click.IntRange(16),
               help="Training sequence limit (tiny models' tokenizers need more).")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 2),
+              help="2: also the loop's second round (harvest the feedback -> retrain -> A/B again).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
 def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit: int,
-         n_requests: int, max_seq_length: int, as_json: bool) -> None:
+         n_requests: int, max_seq_length: int, rounds: int, as_json: bool) -> None:
     """The whole pipeline on the embedded default: demo data -> link -> dataset -> train -> eval
-    -> publish -> serve -> A/B traffic -> report."""
+    -> publish -> serve -> A/B traffic with users' feedback -> report; then harvest -> retrain ->
+    publish -> A/B again."""
     # heavy: the demo serves (fastapi + uvicorn, ~1 s); `mondrian --help` stays fast
     from mondrian.demo.run import DemoOptions, run_demo  # noqa: PLC0415 - heavy: fastapi + uvicorn
     opts = DemoOptions(model=model_spec, folder=folder, registry=root, iters=iters,
-                       eval_limit=eval_limit, requests=n_requests, max_seq_length=max_seq_length)
+                       eval_limit=eval_limit, requests=n_requests, max_seq_length=max_seq_length,
+                       rounds=rounds)
     try:
         out = run_demo(opts, lambda line: click.echo(line, err=True))
     except (ModelError, TrainError, ConfigError, RegistryError) as exc:

@@ -1,11 +1,16 @@
 """`mondrian demo`: the whole pipeline, end to end, on the embedded default model.
 
-demo data -> link -> dataset -> train -> eval -> publish -> serve -> A/B traffic -> report.
+demo data -> link -> dataset -> train -> eval -> publish -> serve -> A/B traffic with feedback
+-> report, then the loop's second round: harvest -> link -> dataset -> retrain -> publish ->
+A/B again.
 
 Everything is real and small: a short training run (the quality run is `make train-full`), an
 evaluation on part of the test split, a published version, a service on 127.0.0.1 that routes
-test questions between the previous production version (or the base model) and the new
-version, and the analyst's A/B report read back from the same SQLite file.
+new questions (fresh from the generator, so their answers are known) between the previous
+production version (or the base model) and the new version, simulated users who accept a
+right answer and correct a wrong one (POST /v1/requests/{id}/feedback), and the analyst's A/B
+report read back from the same SQLite file. The second round harvests those verdicts into jobs,
+retrains on the grown dataset, and runs the A/B again with the first version as production.
 """
 
 from __future__ import annotations
@@ -22,18 +27,20 @@ from typing import Any
 
 from mondrian.ab.report import ab_report, format_report
 from mondrian.core.contracts import get_advisor, load_advisors
-from mondrian.core.jsonl import read_jsonl
 from mondrian.core.workspace import load_workspace
 from mondrian.dataset.build import build_dataset
+from mondrian.demo.questions import generate
 from mondrian.demo.workspace import write_demo_workspace
 from mondrian.evaluate.report import EvalReport
 from mondrian.evaluate.run import evaluate
+from mondrian.link.harvest import harvest
 from mondrian.link.linker import link_workspace
 from mondrian.models.sources import ModelCard, resolve
 from mondrian.registry.records import Version
 from mondrian.registry.store import Registry
 from mondrian.serve.app import run_server
 from mondrian.serve.config import ServiceConfig
+from mondrian.serve.requests_log import now_iso
 from mondrian.serve.routing import AdvisorRoute, Arm
 from mondrian.serve.service import Service
 from mondrian.train.config import load_config
@@ -44,6 +51,7 @@ from mondrian.train.runs import RunStore
 # The LoRA recipe lives in the repository's lora/ folder (recipes are not Python).
 CONFIG = Path(__file__).resolve().parents[2] / "lora" / "fit-query.yaml"
 ADVISOR = "fit-query"
+TRAFFIC_SEED = 2026  # new questions for the A/B (the workspace's jobs use other seeds)
 
 
 @dataclass
@@ -57,6 +65,7 @@ class DemoOptions:
     clients: int = 4
     max_tokens: int = 64
     max_seq_length: int = 512
+    rounds: int = 2  # 2: the loop's second round (harvest -> retrain -> A/B again)
 
 
 class _Steps:
@@ -173,37 +182,73 @@ def _start_service(opts: DemoOptions, db: Path, previous: str | None,
     return service, f"http://127.0.0.1:{ports[0]}"
 
 
-def _ab_traffic(opts: DemoOptions, steps: _Steps, db: Path, data: Path, previous: str | None,
-                version: Version) -> None:
-    steps.head("serve on 127.0.0.1 and send A/B traffic")
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read())
+
+
+def _ab_traffic(opts: DemoOptions, steps: _Steps, db: Path, previous: str | None, version: Version,
+                seed: int) -> None:
+    """A/B traffic of new questions with known answers; each simulated user accepts a right
+    answer and sends the known one as a correction for a wrong one."""
+    steps.head("serve on 127.0.0.1: A/B traffic, and users' feedback on every answer")
     service, url = _start_service(opts, db, previous, version.version)
     steps.say(f"      {url}: control={previous or 'base'}, candidate={version.version} "
               "(50/50, sticky by user)")
-    questions = [r["messages"][-2]["content"] for _, r in read_jsonl(data / "test.jsonl")]  # the last user turn
+    contract = get_advisor(ADVISOR)
+    traffic = generate(opts.requests, seed=seed)
 
-    def ask(i: int) -> dict:
-        body = json.dumps({"text": questions[i % len(questions)], "user": f"user-{i}"}).encode()
-        req = urllib.request.Request(f"{url}/v1/advisors/{ADVISOR}/analyze", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            return json.loads(resp.read())
+    def ask(i: int) -> tuple[str, bool]:
+        ex = traffic[i]
+        a = _post(f"{url}/v1/advisors/{ADVISOR}/analyze", {"text": ex.question, "user": f"user-{seed}-{i}"})
+        right = isinstance(a["answer"], dict) and contract.render(a["answer"]) == contract.render(ex.answer)
+        verdict = {"verdict": "accepted"} if right else {"verdict": "corrected", "answer": ex.answer}
+        _post(f"{url}/v1/requests/{a['request_id']}/feedback", verdict | {"user": f"user-{seed}-{i}"})
+        return a["arm"], right
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(opts.clients) as pool:
         answers = list(pool.map(ask, range(opts.requests)))
     wall = time.perf_counter() - t0
     by_arm: dict[str, list[bool]] = {}
-    for a in answers:
-        by_arm.setdefault(a["arm"], []).append(a["contract_ok"])
+    for arm, right in answers:
+        by_arm.setdefault(arm, []).append(right)
     steps.say(f"      {len(answers)} requests in {wall:.1f} s; "
-              + ", ".join(f"{k}: {len(v)} answered, {sum(v)} met the contract"
+              + ", ".join(f"{k}: {sum(v)} of {len(v)} right (accepted), {len(v) - sum(v)} corrected"
                           for k, v in sorted(by_arm.items())))
     service.close()
 
 
+def _second_round(opts: DemoOptions, steps: _Steps, card: ModelCard, db: Path, production: Version) -> dict:
+    """harvest -> link -> dataset -> retrain -> publish -> A/B against the first version."""
+    root = Path(opts.folder)
+    ws = load_workspace(root)
+    steps.head("round 2: harvest the judged requests into jobs, relink, rebuild the dataset")
+    h = harvest(ws, load_advisors([ws.advisors_path]))
+    steps.say(f"      {h.line()}")
+    steps.say(f"      {link_workspace(ws, progress=False).line()}")
+    data = root / "datasets" / ADVISOR
+    report = build_dataset(root / "manifest", get_advisor(ADVISOR), data, data_root=ws.data_path,
+                           tokenizer_path=card.path, max_seq_length=opts.max_seq_length)
+    steps.say(f"      train {report.counts['train']}, valid {report.counts['valid']}, test {report.counts['test']}")
+    run_dir = root / "runs" / f"demo-round2-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = _train(opts, steps, card, data, db, run_dir)
+    reg = Registry(opts.registry)
+    reg.set_alias(ADVISOR, "production", production.version)  # round 1's candidate is production now
+    store = RunStore(db)
+    run = store.get(result.run_id)
+    store.close()
+    version = reg.publish_run(run, ADVISOR, parent=production.version)
+    reg.set_alias(ADVISOR, "candidate", version.version)
+    steps.say(f"      published {version.version} (candidate; parent and production {production.version})")
+    _ab_traffic(opts, steps, db, production.version, version, seed=TRAFFIC_SEED + 1)
+    return {"harvest": h.to_dict(), "run": result.to_dict(), "version": version.version}
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     """Run every step, reporting progress through `say`; returns run, eval, version and A/B."""
-    steps = _Steps(say)
+    steps = _Steps(say, 13 if opts.rounds > 1 else 9)
     steps.head(f"base model: {opts.model}")
     card = resolve(opts.model)
     say(f"      {card.path} (fingerprint {card.fingerprint[:12]})")
@@ -215,9 +260,16 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     result = _train(opts, steps, card, data, db, run_dir)
     ev, summary = _evaluate(opts, steps, data, db, run_dir, result.run_id)
     previous, version = _publish(opts, steps, db, result.run_id, ev)
-    _ab_traffic(opts, steps, db, data, previous, version)
-
-    steps.head(f"A/B report from {db} (mondrian ab report --db {db})")
-    ab = ab_report(db, advisor=ADVISOR)
+    since = now_iso()
+    _ab_traffic(opts, steps, db, previous, version, seed=TRAFFIC_SEED)
+    steps.head(f"A/B report from {db} (mondrian ab report --db {db} --since {since})")
+    ab = ab_report(db, advisor=ADVISOR, since=since)
     say(format_report(ab))
-    return {"run": result.to_dict(), "eval": summary, "version": version.version, "ab": ab}
+    out = {"run": result.to_dict(), "eval": summary, "version": version.version, "ab": ab}
+    if opts.rounds > 1:
+        since = now_iso()
+        out["round2"] = _second_round(opts, steps, card, db, version)
+        steps.head(f"round 2 A/B report (mondrian ab report --db {db} --since {since})")
+        out["round2"]["ab"] = ab_report(db, advisor=ADVISOR, since=since)
+        say(format_report(out["round2"]["ab"]))
+    return out
