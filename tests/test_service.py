@@ -487,9 +487,10 @@ def test_versions_a_plan_serves_are_never_evicted(tmp_path, registry, reference)
 
 
 def test_a_rollout_advances_and_promotes_by_itself(tmp_path, registry):
-    """A routing file with a rollout policy: the service starts the candidate at 10%, and as
-    users accept its answers (and reject control's) it advances to 50% and then promotes it
-    (the production alias moves), writing each decision to rollout_events."""
+    """A routing file with a rollout policy, served by two service processes on one database
+    and registry: the candidate starts at 10%, and as users accept its answers (and reject
+    control's) the services advance it to 50% and then promote it (the production alias
+    moves), each decision written once to rollout_events."""
     import shutil
 
     root = tmp_path / "adapters"
@@ -499,24 +500,28 @@ def test_a_rollout_advances_and_promotes_by_itself(tmp_path, registry):
                                  {"name": "candidate", "version": "v2", "weight": 1}],
                   rollout={"steps": [10, 50], "min_samples": 8, "check_every_s": 0.2})
     db = tmp_path / "m.db"
-    server = start_server(tmp_path, "--routing", str(routing), "--root", str(root), "--db", str(db))
+    servers = [start_server(tmp_path, "--routing", str(routing), "--root", str(root), "--db", str(db))
+               for _ in range(2)]
     try:
-        shares = []
+        events = []
         for i in range(600):
+            server = servers[i % 2]
             status, body = server.ask(QUESTIONS[i % len(QUESTIONS)], user=f"u{i}")
             assert status == 200, body
             verdict = "accepted" if body["arm"] == "candidate" else "rejected"
             assert server.call("POST", f"/v1/requests/{body['request_id']}/feedback", {"verdict": verdict})[0] == 200
             with sqlite3.connect(db) as conn:
-                shares = conn.execute("SELECT action, share FROM rollout_events ORDER BY seq").fetchall()
-            if shares[-1][0] == "promote":
+                events = conn.execute("SELECT action, share, decided_by FROM rollout_events ORDER BY seq").fetchall()
+            if events[-1][0] == "promote":
                 break
-        assert [a for a, _ in shares if a != "hold"] == ["start", "advance", "promote"], shares
-        assert [s for a, s in shares if a != "hold"] == [10.0, 50.0, 100.0]
+        decisions = [(a, share) for a, share, _ in events if a != "hold"]
+        assert decisions == [("start", 10.0), ("advance", 50.0), ("promote", 100.0)], events
         assert Registry(root).aliases(ADV)["production"] == "v2"
-        deadline = time.time() + 10
-        while server.ask(QUESTIONS[0], user="after")[1]["version"] != "v2":  # re-planned on the promotion
-            assert time.time() < deadline
-            time.sleep(0.2)
+        for server in servers:  # both re-planned on the promotion
+            deadline = time.time() + 10
+            while server.ask(QUESTIONS[0], user="after")[1]["version"] != "v2":
+                assert time.time() < deadline
+                time.sleep(0.2)
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()

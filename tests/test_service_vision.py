@@ -142,6 +142,10 @@ def test_image_requests_under_swaps_answer_as_their_version_alone(served, refere
         assert row["prompt_tokens"] > 10  # the image's tokens are counted
         if body["arm"] != "pinned":
             assert row["sticky_key"] == hashlib.sha256(IMAGES[k]).hexdigest()
+        # log_payloads full: the image's hash on the row, the image kept once by that hash
+        assert row["image_sha256"] == hashlib.sha256(IMAGES[k]).hexdigest() and row["answer_text"] == body["text"]
+    kept = sorted(p.name for p in (served.db.parent / "request-images").iterdir())
+    assert kept == sorted(f"{hashlib.sha256(img).hexdigest()}.png" for img in IMAGES)
 
 
 def test_image_advisor_bad_input(served):
