@@ -10,7 +10,8 @@ contract's grammar:
       16 layers, rank 8, batch 8, lr 2e-4 constant, masked prompt, max_seq_length 256), on the
       dataset built without retrieval;
   (b) `mondrian train` with the new recipe (lora/fit-query.yaml), on the dataset without
-      retrieval;
+      retrieval, its steps (and cosine decay) scaled by how much shorter those rows are, so
+      that it spends the budget rather than stopping at the retrieval recipe's step count;
   (c) `mondrian train` with the new recipe, on the retrieval dataset (`make train`'s path).
   The base model is scored the same way once per dataset (with `--base`).
 
@@ -163,18 +164,41 @@ def scores(adapter: Path | None, data: Path, out: Path, arms: str) -> dict:
             "handwritten": score(adapter, data, out / "handwritten", arms, HANDWRITTEN)}
 
 
-def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str, base: bool) -> dict:
+def _mean_chars(data: Path) -> float:
+    rows = (data / "train.jsonl").read_text().splitlines()
+    return sum(map(len, rows)) / len(rows)
+
+
+def stretched(recipe: dict, factor: float) -> dict:
+    """The recipe with `factor` times its steps (the cosine decay stretched to match): rows
+    without retrieval are about a third as long, so the same wall budget runs more steps."""
+    iters = max(1, round(recipe["iters"] * factor))
+    out = recipe | {"iters": iters}
+    sched = recipe.get("lr_schedule")
+    if sched and sched.get("name") == "cosine_decay":
+        args = list(sched["arguments"])
+        args[1] = iters - sched.get("warmup", 0)
+        out["lr_schedule"] = sched | {"arguments": args}
+    return out
+
+
+def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str, base: bool,
+              progress: Callable[[dict], None] = lambda partial: None) -> dict:
     new = yaml.safe_load(NEW_RECIPE.read_text())
-    # the recipe's own iters and schedule: an arm that finishes inside the budget stops there
-    eval_every = {"steps_per_eval": 100_000, "val_batches": 1, "save_every": 100_000}
-    out = {}
+    # (c) runs the recipe as make train does; (b)'s rows are shorter, so its steps are scaled by
+    # the length ratio to spend the same budget (the budget's SIGTERM still caps both)
+    factor = _mean_chars(sets["retrieval"]) / _mean_chars(sets["plain"])
+    plain = stretched(new, factor)
+    # a checkpoint every 7 steps, so a run the budget stops keeps its last step's adapter anyway
+    eval_every = {"steps_per_eval": 100_000, "val_batches": 1}
+    out: dict = {"length_ratio": round(factor, 2), "iters_b": plain["iters"], "iters_c": new["iters"]}
     if base:
         for name, data in sets.items():
             out[f"base ({name} prompts)"] = {"scores": scores(None, data, tmp / f"base-{name}", "base,base_constrained")}
     arms = {
         "(a) mlx_lm lora, old recipe": lambda d: train_peer(sets["plain"], d, model_path, 0, 10_000, budget_s),
         "(b) mondrian train, new recipe, no retrieval": lambda d: train_ours(
-            new | eval_every | {"data": str(sets["plain"]), "adapter_path": str(d / "run"), "db": str(d / "runs.db")},
+            plain | eval_every | {"data": str(sets["plain"]), "adapter_path": str(d / "run"), "db": str(d / "runs.db")},
             d, budget_s),
         "(c) mondrian train, new recipe, retrieval": lambda d: train_ours(
             new | eval_every | {"data": str(sets["retrieval"]), "adapter_path": str(d / "run"), "db": str(d / "runs.db")},
@@ -183,12 +207,13 @@ def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str
     for i, (name, run) in enumerate(arms.items()):
         folder = tmp / f"arm{i}"
         info = run(folder)
-        # the last step's adapter: a run stopped by the budget validated only at step 0
+        # the last step's adapter (best/ would be chosen on one validation batch)
         adapter = folder if info["trainer"] == "mlx_lm lora" else folder / "run" / "last"
         data = sets["retrieval"] if "retrieval" in name and "no retrieval" not in name else sets["plain"]
         out[name] = info | {"scores": scores(adapter, data, folder / "eval", "adapter,adapter_constrained")}
         print(json.dumps({name: out[name]}), flush=True)
-    return out
+        progress(out | {"complete": False})  # a 2 h part survives a stop
+    return out | {"complete": True}
 
 
 def _seed_config(sets: dict[str, Path], folder: Path, iters: int, seed: int) -> dict:
@@ -281,7 +306,10 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=2) + "\n")
         if "arms" in args.parts:
             result["budget_min"] = args.budget_min
-            result["arms"] = part_arms(sets, Path(tmp) / "arms", args.budget_min * 60, model_path, args.base) | {"when": _now()}
+            def save_arms(partial: dict) -> None:
+                out.write_text(json.dumps(result | {"arms": partial | {"when": _now()}}, indent=2) + "\n")
+            result["arms"] = part_arms(sets, Path(tmp) / "arms", args.budget_min * 60, model_path, args.base,
+                                       save_arms) | {"when": _now()}
             out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k in ("seeds", "ablations", "arms")}, indent=1))
     print(f"wrote {out}")
