@@ -211,3 +211,11 @@ def test_harvest_and_feedback_cli(tmp_path):
     text = run_cli("harvest", "-w", str(ws_dir))
     assert "1 requests seen = 0 harvested + 0 updated + 0 retracted + 1 unchanged + 0 skipped (none) (conserved)" \
         in text.stdout
+
+
+def test_harvest_names_a_database_it_cannot_use(tmp_path):
+    ws_dir = _workspace(tmp_path, [])
+    missing = run_cli("harvest", "-w", str(ws_dir), "--requests-db", str(tmp_path / "nope.db"))
+    assert missing.returncode == 1 and "nope.db: no such database" in missing.stderr
+    bare = run_cli("harvest", "-w", str(ws_dir))  # the job database, which no service wrote to
+    assert bare.returncode == 1 and "no 'requests' table" in bare.stderr

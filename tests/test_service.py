@@ -306,6 +306,9 @@ def test_routing_reload_shadow_and_fallback_without_restart(served, reference):
         time.sleep(0.05)
     shadow = rows(served.db, "shadow_of = ?", (body["request_id"],))[0]
     assert shadow["assigned_version"] == "v3" and shadow["served_version"] == "v3" and shadow["status"] == 200
+    # the served row keeps the answer it returned (the fallback's); the shadow row, the shadow's
+    assert row["answer_text"] == body["text"] and row["input_text"] == shadow["input_text"] == QUESTIONS[2]
+    assert shadow["answer_text"] == reference["v3"][QUESTIONS[2]]
     # a broken routing file is refused; the old plan keeps serving
     served.routing.write_text("advisors: {fit-query: {arms: [{name: a, version: v77}]}}")
     deadline = time.time() + 30

@@ -21,15 +21,17 @@ from mondrian.train.loop import TrainError
               help="Training steps.")
 @click.option("--eval-limit", default=32, show_default=True, type=click.IntRange(1),
               help="Test rows evaluated.")
-@click.option("--requests", "n_requests", default=48, show_default=True, type=click.IntRange(1),
-              help="A/B requests sent to the service.")
+@click.option("--requests", "n_requests", default=32, show_default=True, type=click.IntRange(1),
+              help="A/B requests sent to the service, per round.")
 @click.option("--max-seq-length", default=512, show_default=True, type=click.IntRange(16),
               help="Training sequence limit (tiny models' tokenizers need more).")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 2),
               help="2: also the loop's second round (harvest the feedback -> retrain -> A/B again).")
+@click.option("--round2-iters", default=4, show_default=True, type=click.IntRange(1),
+              help="Training steps of the second round's retrain.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
 def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit: int,
-         n_requests: int, max_seq_length: int, rounds: int, as_json: bool) -> None:
+         n_requests: int, max_seq_length: int, rounds: int, round2_iters: int, as_json: bool) -> None:
     """The whole pipeline on the embedded default: demo data -> link -> dataset -> train -> eval
     -> publish -> serve -> A/B traffic with users' feedback -> report; then harvest -> retrain ->
     publish -> A/B again."""
@@ -37,7 +39,7 @@ def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit:
     from mondrian.demo.run import DemoOptions, run_demo  # noqa: PLC0415 - heavy: fastapi + uvicorn
     opts = DemoOptions(model=model_spec, folder=folder, registry=root, iters=iters,
                        eval_limit=eval_limit, requests=n_requests, max_seq_length=max_seq_length,
-                       rounds=rounds)
+                       rounds=rounds, round2_iters=round2_iters)
     try:
         out = run_demo(opts, lambda line: click.echo(line, err=True))
     except (ModelError, TrainError, ConfigError, RegistryError) as exc:

@@ -32,7 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mondrian.core.contracts import Advisor, loads_strict
-from mondrian.core.db import add_missing_columns, as_connection, create_jobs_table, open_db
+from mondrian.core.db import (
+    DBError,
+    add_missing_columns,
+    as_connection,
+    connect,
+    create_jobs_table,
+    create_request_tables,
+    open_db,
+)
 from mondrian.core.workspace import Workspace
 
 # Columns harvest adds to the jobs table (nullable; NULL on jobs that production wrote).
@@ -132,8 +140,11 @@ def harvest(ws: Workspace, contracts: dict[str, Advisor], requests_db: str | Pat
     conn = as_connection(db)
     summary = HarvestSummary()
     try:
-        src = sqlite3.connect(f"{requests_db.resolve().as_uri()}?mode=ro", uri=True)
+        src = connect(requests_db)  # a missing file is a DBError naming it
         try:
+            if src.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
+                raise DBError(f"{requests_db}: no 'requests' table (the advisor service writes it)")
+            create_request_tables(src)  # a log from an older mondrian gains the payload and feedback tables
             where = f"AND r.advisor IN ({', '.join('?' for _ in advisors)})" if advisors else ""
             rows = src.execute(_REQUESTS.format(where=where), advisors or []).fetchall()
         finally:

@@ -5,7 +5,9 @@ worker first and only then moves the alias (default `production`) and re-plans t
 `rollback` does the same for the alias's previous version. The routing file is re-read when
 it changes (polled), without a restart; a file or version that fails keeps the old plan
 serving and is reported in `/admin/state`. One worker per base model holds every loaded
-version in a LoRA slot; a version a plan routes to is never evicted.
+version in a LoRA slot; a version a plan routes to is never evicted. A route with a rollout
+policy gets its arms' weights from the rollout's current step, and a background thread moves
+it along (`mondrian.serve.rollout`).
 
 `mondrian.serve.service.Service` adds the request path on top.
 """
