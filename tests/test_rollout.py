@@ -31,8 +31,9 @@ def _route(**rollout) -> AdvisorRoute:
 
 
 def _traffic(db: Path, accepted: dict[str, int], n: int = 40, errors: dict[str, int] | None = None,
-             start: int = 0) -> None:
-    """n served requests an arm, the first `accepted[arm]` accepted and the rest rejected."""
+             start: int = 0, compliant: dict[str, int] | None = None, feedback: bool = True) -> None:
+    """n served requests an arm, the first `accepted[arm]` accepted and the rest rejected (and
+    the first `compliant[arm]` meeting the contract; all by default)."""
     create_request_tables(db)
     conn = sqlite3.connect(db)
     with conn:
@@ -41,11 +42,12 @@ def _traffic(db: Path, accepted: dict[str, int], n: int = 40, errors: dict[str, 
                 rid = f"{arm}-{start + i}"
                 err = i < (errors or {}).get(arm, 0)
                 row = {"request_id": rid, "received_at": LATER, "advisor": ADV, "endpoint": "analyze", "arm": arm,
-                       "base_fingerprint": "fp", "status": 500 if err else 200, "contract_ok": None if err else 1,
+                       "base_fingerprint": "fp", "status": 500 if err else 200,
+                       "contract_ok": None if err else int(i < (compliant or {}).get(arm, n)),
                        "error": "boom" if err else None, "latency_ms": 50.0}
                 conn.execute(f"INSERT INTO requests ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                              list(row.values()))
-                if not err:
+                if not err and feedback:
                     verdict = "accepted" if i < accepted[arm] else "rejected"
                     conn.execute("INSERT INTO feedback VALUES (?, '', ?, ?, NULL, 1, ?, ?)", (rid, ADV, verdict, LATER, LATER))
     conn.close()
@@ -77,7 +79,7 @@ def test_holds_then_advances_then_promotes(tmp_path):
 
 
 @pytest.mark.parametrize("accepted, errors, reason", [
-    ({"control": 38, "candidate": 10}, None, "acceptance worse than control"),
+    ({"control": 38, "candidate": 10}, None, "acceptance_rate worse than control"),
     ({"control": 30, "candidate": 30}, {"control": 0, "candidate": 12}, "guardrail harm: error_rate"),
 ])
 def test_rolls_back_a_worse_or_harmful_candidate(tmp_path, accepted, errors, reason):
@@ -122,3 +124,14 @@ def test_several_processes_take_each_decision_once(tmp_path):
     events = _events(db)
     assert [e[1] for e in events] == ["start", "advance", "advance", "promote"]  # one decision per step
     assert [e[0] for e in events] == [1, 2, 3, 4] and set(seen) <= {"start", "advance", "promote"}
+
+
+def test_compliance_can_be_the_decision_metric_without_feedback(tmp_path):
+    db = tmp_path / "m.db"
+    _traffic(db, {"control": 0, "candidate": 0}, compliant={"control": 16, "candidate": 39}, feedback=False)
+    acceptance = Rollouts(db, judge).check(ADV, _route(), "v2", lambda v: None)
+    assert acceptance.action == "hold" and "acceptance_rate" in acceptance.reason  # nobody judged anything
+    st = Rollouts(db, judge).check(ADV, _route(metric="compliance_rate"), "v2", lambda v: None)
+    assert st.action == "advance" and st.share == 50.0
+    with pytest.raises(ValueError, match="rollout.metric"):
+        _route(metric="latency")

@@ -30,6 +30,7 @@ from mondrian.ab.sequential import DEFAULT_N_STAR, SequentialResult, diff_cs, me
 from mondrian.core.db import REQUEST_ERROR_SQL
 from mondrian.evaluate.stats import two_proportion_ztest
 
+METRICS = ("acceptance_rate", "compliance_rate")  # what a rollout may decide on
 GUARDRAILS = ("error_rate", "fallback_rate", "contract_failure_rate", "slow_rate")
 SLOW_SHARE_MAX = 0.05  # p95 latency <= the limit  <=>  at most 5% of requests slower than it
 
@@ -134,15 +135,24 @@ def guardrails(control: list[dict], arm: list[dict], guard: Guard, alpha: float 
     return out
 
 
+def metric_values(units: list[dict], metric: str = "acceptance_rate") -> list[float]:
+    """One 0/1 value per unit that has one: acceptance (judged requests) or compliance (the
+    arm's own answer met the contract; for advisors without feedback)."""
+    if metric == "acceptance_rate":
+        return [float(u["verdict"] == "accepted") for u in units if u["verdict"] is not None]
+    if metric == "compliance_rate":
+        return [float(not u["contract_failed"]) for u in units if u["contract_failed"] is not None]
+    raise ValueError(f"metric {metric!r} must be one of {', '.join(METRICS)}")
+
+
 def compare(control: list[dict], arm: list[dict], alpha: float = 0.05, n_star: int = DEFAULT_N_STAR,
-            level: float = 0.95) -> dict:
-    """Acceptance of `arm` against `control`: the always-valid result and, beside it, the
+            level: float = 0.95, metric: str = "acceptance_rate") -> dict:
+    """`metric` of `arm` against `control`: the always-valid result and, beside it, the
     fixed-horizon z-test (read it only for a sample size fixed in advance)."""
-    a = [float(u["verdict"] == "accepted") for u in control if u["verdict"] is not None]
-    b = [float(u["verdict"] == "accepted") for u in arm if u["verdict"] is not None]
+    a, b = metric_values(control, metric), metric_values(arm, metric)
     seq = diff_cs(a, b, alpha, n_star)
     fixed = two_proportion_ztest(int(sum(a)), len(a), int(sum(b)), len(b), level)
-    return {"metric": "acceptance_rate", "sequential": seq.to_dict(),
+    return {"metric": metric, "sequential": seq.to_dict(),
             "decision": ("better" if seq.low is not None and seq.low > 0 else
                          "worse" if seq.high is not None and seq.high < 0 else "undecided"),
             "fixed_horizon": fixed.to_dict()}

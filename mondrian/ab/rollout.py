@@ -4,9 +4,10 @@ current step (the requests and feedback since the step began), with always-valid
 checking once. The service's rollout loop (mondrian.serve.rollout) calls it and records what
 it decided; it is passed in as a function, so the service never imports the A/B package.
 
-- rollback: a guardrail shows harm (its whole interval above its margin), or the candidate's
-  acceptance is worse than control's (the interval wholly below 0);
-- hold: fewer than `min_samples` judged requests on either arm; or, on the last step, the
+- rollback: a guardrail shows harm (its whole interval above its margin), or the candidate is
+  worse than control on the decision metric (acceptance, or compliance for advisors without
+  feedback: the interval wholly below 0);
+- hold: fewer than `min_samples` requests with a value of the metric on either arm; or, on the last step, the
   candidate is not yet better (with `promote_when: better`);
 - advance (the last step: promote): enough evidence, no harm, not worse, and on the last step
   better (or merely not worse with `promote_when: no_harm`).
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mondrian.ab.outcomes import Guard, compare, guardrails, read_units
+from mondrian.ab.outcomes import Guard, compare, guardrails, metric_values, read_units
 from mondrian.core.db import connect
 
 
@@ -40,11 +41,12 @@ def judge(db_path: str | Path, advisor: str, control: str, candidate: str, since
         conn.close()
     a, b = units.get((advisor, control), []), units.get((advisor, candidate), [])
     alpha, need = policy.get("alpha", 0.05), policy.get("min_samples", 200)
+    metric = policy.get("metric", "acceptance_rate")
     n_star = 2 * need  # the sequences are tightest where the step expects to decide
-    cmp = compare(a, b, alpha, n_star, level=1 - alpha)
+    cmp = compare(a, b, alpha, n_star, level=1 - alpha, metric=metric)
     guards = guardrails(a, b, Guard(**policy.get("guardrails", {})), alpha, n_star)
-    judged = (sum(u["verdict"] is not None for u in a), sum(u["verdict"] is not None for u in b))
-    evidence = {"since": since, "served": [len(a), len(b)], "judged": list(judged),
+    judged = (len(metric_values(a, metric)), len(metric_values(b, metric)))
+    evidence = {"since": since, "served": [len(a), len(b)], "judged": list(judged), "metric": metric,
                 "acceptance": cmp["sequential"], "decision": cmp["decision"],
                 "fixed_horizon_p": cmp["fixed_horizon"]["p_value"],
                 "guardrails": {k: {"status": g["status"], "estimate": g["estimate"], "low": g["low"],
@@ -53,9 +55,10 @@ def judge(db_path: str | Path, advisor: str, control: str, candidate: str, since
     if harm:
         return Decision("rollback", f"guardrail harm: {', '.join(harm)}", evidence)
     if cmp["decision"] == "worse":
-        return Decision("rollback", "acceptance worse than control (always-valid interval below 0)", evidence)
+        return Decision("rollback", f"{metric} worse than control (always-valid interval below 0)", evidence)
     if min(judged) < need:
-        return Decision("hold", f"collecting evidence: fewer than {need} judged requests on an arm", evidence)
+        return Decision("hold", f"collecting evidence: fewer than {need} requests with a {metric} on an arm",
+                        evidence)
     if last_step and policy.get("promote_when", "better") == "better" and cmp["decision"] != "better":
         return Decision("hold", "not yet better than control: promotion waits for the interval to clear 0",
                         evidence)

@@ -55,6 +55,7 @@ class Arm:
 
 
 PROMOTE_WHEN = ("better", "no_harm")
+ROLLOUT_METRICS = ("acceptance_rate", "compliance_rate")
 GUARDRAIL_KEYS = ("error_rate", "fallback_rate", "contract_failure_rate", "p95_latency_ms")
 
 
@@ -71,6 +72,7 @@ class Rollout:
     min_samples: int = 200  # judged requests an arm, per step, before it may advance
     alpha: float = 0.05
     promote_when: str = "better"  # better | no_harm
+    metric: str = "acceptance_rate"  # the decision metric: acceptance_rate (feedback) | compliance_rate
     guardrails: dict = field(default_factory=dict)
     check_every_s: float = 30.0
 
@@ -84,6 +86,8 @@ class Rollout:
             raise ValueError(f"rollout.min_samples {self.min_samples!r} must be an integer >= 1")
         if not isinstance(self.alpha, float) or not 0 < self.alpha < 0.5:
             raise ValueError(f"rollout.alpha {self.alpha!r} must be a number in (0, 0.5)")
+        if self.metric not in ROLLOUT_METRICS:
+            raise ValueError(f"rollout.metric {self.metric!r} must be one of {', '.join(ROLLOUT_METRICS)}")
         if self.promote_when not in PROMOTE_WHEN:
             raise ValueError(f"rollout.promote_when {self.promote_when!r} must be one of {', '.join(PROMOTE_WHEN)}")
         bad = sorted(set(self.guardrails) - set(GUARDRAIL_KEYS)) if isinstance(self.guardrails, dict) else ["?"]
@@ -94,7 +98,7 @@ class Rollout:
 
     def policy(self) -> dict:
         return {"min_samples": self.min_samples, "alpha": self.alpha, "promote_when": self.promote_when,
-                "guardrails": dict(self.guardrails)}
+                "metric": self.metric, "guardrails": dict(self.guardrails)}
 
 
 @dataclass
