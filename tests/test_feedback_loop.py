@@ -203,6 +203,8 @@ def test_harvest_and_feedback_cli(tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["revision"] == 1
     missing = run_cli("feedback", "req-x", "--verdict", "accepted", "--db", str(db))
     assert missing.returncode == 1 and "404" in missing.stderr
+    nofile = run_cli("feedback", "req-1", "--verdict", "corrected", "--answer", f"@{tmp_path}/nope.json", "--db", str(db))
+    assert nofile.returncode == 1 and "nope.json: cannot read it" in nofile.stderr
     out = run_cli("harvest", "-w", str(ws_dir), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) | {"by_verdict": None} == {

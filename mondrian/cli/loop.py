@@ -32,9 +32,11 @@ def feedback(request_id: str, verdict: str, answer: str | None, user: str, db_pa
         fail(DBError(f"{db_path}: no such database (pass --db)"))
     body: dict = {"verdict": verdict, "user": user}
     if answer is not None:
-        text = Path(answer[1:]).read_text(encoding="utf-8") if answer.startswith("@") else answer
         try:
+            text = Path(answer[1:]).read_text(encoding="utf-8") if answer.startswith("@") else answer
             body["answer"] = json.loads(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(ValueError(f"--answer {answer}: cannot read it ({exc})"))
         except json.JSONDecodeError as exc:
             fail(ValueError(f"--answer is not JSON ({exc})"))
     store = FeedbackStore(db_path, load_advisors([advisors_dir] if advisors_dir else []))
