@@ -16,6 +16,7 @@ from PIL import Image
 
 from mondrian.core.contracts import load_advisors
 from mondrian.core.db import create_jobs_table, open_db
+from mondrian.core.image_store import ImageStore
 from mondrian.core.workspace import load_workspace
 from mondrian.dataset.build import build_dataset
 from mondrian.dataset.splits import split_of
@@ -23,7 +24,7 @@ from mondrian.link.harvest import harvest
 from mondrian.link.linker import link_workspace, text_group
 from mondrian.serve.errors import ServiceError
 from mondrian.serve.feedback import FeedbackStore, Verdict
-from mondrian.serve.requests_log import ImageStore, RequestLog, now_iso, payload_fields
+from mondrian.serve.requests_log import RequestLog, now_iso, payload_fields
 from tests.helpers import run_cli
 
 ADV = "fit-query"
@@ -221,3 +222,31 @@ def test_harvest_names_a_database_it_cannot_use(tmp_path):
     assert missing.returncode == 1 and "nope.db: no such database" in missing.stderr
     bare = run_cli("harvest", "-w", str(ws_dir))  # the job database, which no service wrote to
     assert bare.returncode == 1 and "no 'requests' table" in bare.stderr
+
+
+def test_harvest_keeps_an_image_advisors_images_in_the_data_root(tmp_path):
+    import hashlib
+
+    from tests.test_link import _png
+
+    ws_dir = _workspace(tmp_path, [])
+    db = ws_dir / "mondrian.db"
+    png, analysis = _png(5)
+    sha = hashlib.sha256(png).hexdigest()
+    ImageStore(ws_dir / "request-images").keep(png, sha)  # what the service kept
+    rows = [_row(rid, None, json.dumps(analysis), advisor="photo-critic") | payload_fields("full", None, s, json.dumps(analysis))
+            for rid, s in (("req-img", sha), ("req-lost", "ab" * 32))]
+    _log(db, *rows)
+    store = FeedbackStore(db, CONTRACTS)
+    store.record("req-img", Verdict("accepted"))
+    store.record("req-lost", Verdict("accepted"))
+    store.close()
+    ws = load_workspace(ws_dir)
+    s = harvest(ws, CONTRACTS)
+    assert (s.harvested, s.skipped) == (1, {"image_not_kept": 1}) and s.conserved
+    kept = ws.data_path / "harvested" / f"{sha}.png"
+    assert kept.read_bytes() == png
+    summary = link_workspace(ws, progress=False)
+    rows = {r["job_id"]: r for r in map(json.loads, (ws_dir / "manifest" / "manifest.jsonl").read_text().splitlines())}
+    assert rows["req-img"]["status"] == "linked" and rows["req-img"]["input"]["image_sha256"] == sha
+    assert summary.conserved

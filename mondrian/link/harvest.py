@@ -25,7 +25,6 @@ earlier one is rejected as `superseded`), and it lands in that input's split.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from mondrian.core.db import (
     create_request_tables,
     open_db,
 )
+from mondrian.core.image_store import ImageStore
 from mondrian.core.workspace import Workspace
 
 # Columns harvest adds to the jobs table (nullable; NULL on jobs that production wrote).
@@ -50,6 +50,7 @@ HARVEST_COLUMNS: dict[str, tuple[str, bool, str]] = {
     "harvest_verdict": ("TEXT", False, "'accepted' (the served answer) or 'corrected' (a user's correction)"),
 }
 RETRACTED = "retracted"  # a harvested job whose feedback no longer gives an answer
+HARVESTED_DIR = "harvested"  # where harvested images are kept, under the data root
 
 SKIP_REASONS = {
     "no_feedback": "no user has judged the answer",
@@ -135,7 +136,7 @@ def harvest(ws: Workspace, contracts: dict[str, Advisor], requests_db: str | Pat
     """Turn judged requests into jobs in the workspace's jobs table (see the module docstring).
     One transaction: a failed run writes nothing."""
     requests_db = Path(requests_db or ws.db_path)
-    store = Path(image_store) if image_store else requests_db.resolve().parent / "request-images"
+    store = ImageStore(image_store or requests_db.resolve().parent / "request-images")
     db = open_db(ws.db_path, create=True)
     conn = as_connection(db)
     summary = HarvestSummary()
@@ -194,7 +195,7 @@ def _current_jobs(ws: Workspace) -> list[tuple]:
 
 
 def _harvest_one(conn: sqlite3.Connection, ws: Workspace, col: dict, contracts: dict[str, Advisor],
-                 store: Path, row: tuple, before: tuple | None) -> str:
+                 store: ImageStore, row: tuple, before: tuple | None) -> str:
     """Insert, update or retract one request's job; the outcome (or a skip reason)."""
     request_id, advisor, received_at, served_version, payloads, text, image_sha, answer_text, verdicts, judged = row
     contract = contracts.get(advisor)
@@ -221,16 +222,11 @@ def _harvest_one(conn: sqlite3.Connection, ws: Workspace, col: dict, contracts: 
            "model": "correction" if d.verdict == "corrected" else f"{advisor}@{served_version or 'base'}",
            "created_at": received_at, "completed_at": judged}
     if contract.input_kind == "image":
-        kept = next(iter(sorted(store.glob(f"{image_sha}.*"))), None) if store.is_dir() else None
+        kept = store.path(image_sha)
         if kept is None:
             return "image_not_kept"
-        rel = Path("harvested") / kept.name
-        target = ws.data_path / rel
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(kept, target.with_name(target.name + ".part"))
-            target.with_name(target.name + ".part").replace(target)
-        job |= {"image_path": rel.as_posix(), "image_sha256": image_sha, "input_text": text}
+        copy = ImageStore(ws.data_path / HARVESTED_DIR).keep(kept.read_bytes(), image_sha)
+        job |= {"image_path": f"{HARVESTED_DIR}/{copy.name}", "image_sha256": image_sha, "input_text": text}
     else:
         job["input_text"] = text
     values = {col[k]: v for k, v in job.items() if col.get(k)}

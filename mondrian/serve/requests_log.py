@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import io
 import json
 import os
 import queue
 import re
 import sqlite3
 import threading
-import uuid
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-
-from PIL import Image
 
 from mondrian.core.db import (
     PAYLOAD_MODES,
@@ -156,32 +152,6 @@ def payload_fields(mode: str, text: str | None, image_sha256: str | None, answer
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-class ImageStore:
-    """Request images kept once each, named by their sha256 (`<sha256>.<format>`), for
-    `log_payloads: full`: `mondrian harvest` turns a request with feedback into a job whose
-    image is this file. Files are written whole (temp file, then rename) and never rewritten."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def path(self, sha256: str) -> Path | None:
-        """The kept image with this hash, or None."""
-        return next(iter(sorted(self.folder.glob(f"{sha256}.*"))), None) if self.folder.is_dir() else None
-
-    def keep(self, data: bytes, sha256: str) -> Path:
-        found = self.path(sha256)
-        if found is not None:
-            return found
-        with Image.open(io.BytesIO(data)) as im:  # the bytes were checked to be an image already
-            ext = (im.format or "bin").lower().replace("jpeg", "jpg")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        final = self.folder / f"{sha256}.{ext}"
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
-        return final
 
 
 def validate_row(row: dict) -> tuple:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from mondrian.core.contracts import Advisor, loads_strict
 from mondrian.core.db import create_request_tables
+from mondrian.core.image_store import ImageStore
 from mondrian.core.retrieval import RetrievalIndex
 from mondrian.serve.config import ServiceConfig
 from mondrian.serve.control import ControlPlane, ModelResolver, Served
@@ -37,7 +38,6 @@ from mondrian.serve.errors import ServiceError
 from mondrian.serve.feedback import FeedbackStore, Verdict
 from mondrian.serve.prompts import Prompts
 from mondrian.serve.requests_log import (
-    ImageStore,
     RequestLog,
     now_iso,
     payload_fields,
