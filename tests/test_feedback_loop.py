@@ -22,6 +22,7 @@ from mondrian.dataset.build import build_dataset
 from mondrian.dataset.splits import split_of
 from mondrian.link.harvest import harvest
 from mondrian.link.linker import link_workspace, text_group
+from mondrian.serve.config import ServiceConfig
 from mondrian.serve.errors import ServiceError
 from mondrian.serve.feedback import FeedbackStore, Verdict
 from mondrian.serve.requests_log import RequestLog, now_iso, payload_fields
@@ -54,6 +55,8 @@ def test_payload_modes_keep_what_they_say(tmp_path):
     assert payload_fields("off", "solar in devon", "ab" * 32, "x") == {"payloads": "off"}
     with pytest.raises(ValueError, match="log_payloads must be one of full, hash, off"):
         payload_fields("most", "x", None, "y")
+    with pytest.raises(ValueError, match="log_payloads must be one of full, hash, off"):
+        ServiceConfig(log_payloads="most")  # the service refuses it before it starts
     # the rows go through the real log, and an older table gains the columns
     db = tmp_path / "r.db"
     _log(db, _row("req-1", "solar in devon", "{}"), _row("req-2", "solar in devon", "{}", mode="hash"))

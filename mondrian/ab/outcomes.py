@@ -27,11 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mondrian.ab.sequential import DEFAULT_N_STAR, SequentialResult, diff_cs, mean_cs
-from mondrian.core.db import REQUEST_ERROR_SQL
+from mondrian.core.db import REQUEST_ERROR_SQL, has_table
 from mondrian.evaluate.stats import two_proportion_ztest
+from mondrian.serve.routing import ROLLOUT_METRICS
 
-METRICS = ("acceptance_rate", "compliance_rate")  # what a rollout may decide on
-GUARDRAILS = ("error_rate", "fallback_rate", "contract_failure_rate", "slow_rate")
 SLOW_SHARE_MAX = 0.05  # p95 latency <= the limit  <=>  at most 5% of requests slower than it
 
 
@@ -64,9 +63,8 @@ def _fields(served: str | None, correction: str | None) -> dict[str, bool] | Non
 def read_units(conn: sqlite3.Connection, where: str, params: Sequence) -> dict[tuple[str, str], list[dict]]:
     """(advisor, arm) -> one dict per served row: judged verdict (or None), error, fallback,
     contract failure, latency, and the field checks against a correction."""
-    has_feedback = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'feedback'").fetchone() is not None
     feedback = ("(SELECT json_group_array(json_array(f.verdict, f.answer_json)) FROM feedback f "
-                "WHERE f.request_id = r.request_id)") if has_feedback else "NULL"
+                "WHERE f.request_id = r.request_id)") if has_table(conn, "feedback") else "NULL"
     # a log written before payloads were kept has no answer_text (the report opens it read-only)
     answer = "r.answer_text" if any(c[1] == "answer_text" for c in conn.execute("PRAGMA table_info(requests)")) \
         else "NULL"
@@ -142,7 +140,7 @@ def metric_values(units: list[dict], metric: str = "acceptance_rate") -> list[fl
         return [float(u["verdict"] == "accepted") for u in units if u["verdict"] is not None]
     if metric == "compliance_rate":
         return [float(not u["contract_failed"]) for u in units if u["contract_failed"] is not None]
-    raise ValueError(f"metric {metric!r} must be one of {', '.join(METRICS)}")
+    raise ValueError(f"metric {metric!r} must be one of {', '.join(ROLLOUT_METRICS)}")
 
 
 def compare(control: list[dict], arm: list[dict], alpha: float = 0.05, n_star: int = DEFAULT_N_STAR,

@@ -50,7 +50,7 @@ from mondrian.ab.outcomes import (
     guardrails,
     read_units,
 )
-from mondrian.core.db import PINNED_ARM, REQUEST_ERROR_SQL, DBError, connect
+from mondrian.core.db import PINNED_ARM, REQUEST_ERROR_SQL, DBError, connect, has_table
 from mondrian.evaluate.stats import SRM_ALPHA, mcnemar, percentile, srm_chi2, two_proportion_ztest
 from mondrian.serve.rollout import timeline
 
@@ -176,8 +176,7 @@ def _srm(conn: sqlite3.Connection, advisor: str | None, since: str | None, alpha
             f"SELECT advisor, routing_id, arm, count(*), count(DISTINCT sticky_key), "
             f"sum(sticky_key IS NULL) FROM requests WHERE {where} GROUP BY 1, 2, 3", params):
         seen.setdefault((adv, rid), {})[arm] = (n, units, keyless)
-    has_configs = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                               "name = 'routing_configs'").fetchone() is not None
+    has_configs = has_table(conn, "routing_configs")
     out: dict = {}
     for (adv, rid), arms in sorted(seen.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         check: dict = {"routing_id": rid, "requests": sum(v[0] for v in arms.values())}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from mondrian.core.db import (
     connect,
     create_jobs_table,
     create_request_tables,
+    has_table,
     open_db,
 )
 from mondrian.core.image_store import ImageStore
@@ -143,7 +143,7 @@ def harvest(ws: Workspace, contracts: dict[str, Advisor], requests_db: str | Pat
     try:
         src = connect(requests_db)  # a missing file is a DBError naming it
         try:
-            if src.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
+            if not has_table(src, "requests"):
                 raise DBError(f"{requests_db}: no 'requests' table (the advisor service writes it)")
             create_request_tables(src)  # a log from an older mondrian gains the payload and feedback tables
             where = f"AND r.advisor IN ({', '.join('?' for _ in advisors)})" if advisors else ""
@@ -170,28 +170,19 @@ def harvest(ws: Workspace, contracts: dict[str, Advisor], requests_db: str | Pat
             else:
                 setattr(summary, outcome, getattr(summary, outcome) + 1)
         conn.execute("COMMIT")
+        summary.by_verdict = dict(conn.execute(  # every live harvested job, this run's and earlier ones
+            f'SELECT harvest_verdict, count(*) FROM "{ws.jobs_table}" WHERE harvested_from IS NOT NULL '
+            f'AND "{col["status"]}" <> ? GROUP BY 1 ORDER BY 1', (RETRACTED,)).fetchall())
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     finally:
         conn.close()
-    verdicts = Counter(r[0] for r in _current_jobs(ws))
-    summary.by_verdict = dict(sorted(verdicts.items()))
     summary.skipped = {r: summary.skipped[r] for r in SKIP_REASONS if r in summary.skipped}
     if not summary.conserved:  # cannot happen by construction
         raise RuntimeError(f"harvest counts are not conserved: {summary.line()}")
     return summary
-
-
-def _current_jobs(ws: Workspace) -> list[tuple]:
-    db = open_db(ws.db_path)
-    try:
-        status = ws.columns.status or "status"
-        return db.execute(f'SELECT harvest_verdict FROM "{ws.jobs_table}" WHERE harvested_from IS NOT NULL '
-                          f'AND "{status}" <> ?', (RETRACTED,)).fetchall()
-    finally:
-        db.conn.close()
 
 
 def _harvest_one(conn: sqlite3.Connection, ws: Workspace, col: dict, contracts: dict[str, Advisor],

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mondrian.core.db import PAYLOAD_MODES
+
 
 @dataclass
 class ServiceConfig:
@@ -25,6 +27,10 @@ class ServiceConfig:
     constrained: bool = True  # text advisors decode under their contract's grammar
     log_payloads: str = "full"  # what a requests row keeps of input and answer: full | hash | off
     image_store: str | Path | None = None  # request images (full); None = request-images/ beside the db
+
+    def __post_init__(self):
+        if self.log_payloads not in PAYLOAD_MODES:
+            raise ValueError(f"log_payloads must be one of {', '.join(PAYLOAD_MODES)}, got {self.log_payloads!r}")
 
     def images_folder(self) -> Path | None:
         """Where `log_payloads: full` keeps request images (None: nothing is recorded)."""

@@ -3,7 +3,8 @@ dependency injection (`get_service` reads `app.state.service`, which `app.create
 
 Public routes (`router`): `GET /health`, `GET /v1/models`, `POST /v1/advisors/{advisor}/analyze`
 (JSON or a multipart form with an image), `POST /v1/chat/completions` (OpenAI-compatible,
-greedy, non-streaming; its `id` is the request id), `POST /v1/requests/{request_id}/feedback`. Admin routes (`admin_router`, bearer token): `GET /admin/state`,
+greedy, non-streaming; its `id` is the request id), `POST /v1/requests/{request_id}/feedback`.
+Admin routes (`admin_router`, bearer token): `GET /admin/state`,
 `POST /admin/advisors/{advisor}/load|activate|rollback`, `POST /admin/reload`. Errors are
 OpenAI's error object (`guards.error_response`); body size and arrival time are bounded by
 `guards.BodyGuard`.

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mondrian.core.db import connect, create_request_tables
+from mondrian.core.db import connect, create_request_tables, has_table
 from mondrian.serve.requests_log import now_iso
 from mondrian.serve.routing import AdvisorRoute, Rollout
 
@@ -141,7 +141,7 @@ class Rollouts:
 
 def timeline(conn: sqlite3.Connection, advisor: str | None = None) -> list[dict]:
     """Every rollout event (oldest first), for the A/B report."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollout_events'").fetchone() is None:
+    if not has_table(conn, "rollout_events"):
         return []
     cols = ("rollout_id", "seq", "advisor", "at", "action", "status", "step", "share", "candidate_version",
             "reason", "evidence_json", "decided_by")

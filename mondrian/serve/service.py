@@ -69,7 +69,6 @@ class Service(ControlPlane):
                  judge: Judge | None = None):
         super().__init__(cfg, resolve_model, advisors, judge)
         self.log = RequestLog(cfg.db_path) if cfg.db_path else RequestLog.disabled()
-        payload_fields(cfg.log_payloads, None, None, None)  # an unknown mode fails at startup
         self.images = ImageStore(cfg.images_folder()) if cfg.images_folder() else None
         self.feedback = FeedbackStore(cfg.db_path, advisors) if cfg.db_path else None
         if cfg.db_path:

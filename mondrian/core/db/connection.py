@@ -78,3 +78,8 @@ def add_missing_columns(conn: sqlite3.Connection, table: str,
     for name, (sqltype, _, _) in columns.items():
         if name not in have:
             conn.execute(f'ALTER TABLE "{table}" ADD COLUMN {name} {sqltype}')
+
+
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    """Whether the database has a table of this name (an older or foreign file may lack one)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
