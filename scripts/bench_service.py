@@ -212,8 +212,8 @@ def bench_swap(card, reg_root: Path, prompt_msgs: list[dict], rounds: int, swaps
 class Server(ServeProcess):
     """A `mondrian serve` subprocess; HTTP errors raise (a benchmark wants answers only)."""
 
-    def __init__(self, tmp: Path, name: str, *args: str, wait: bool = True):
-        super().__init__(tmp, *args, name=name, token=TOKEN, wait=wait)
+    def __init__(self, tmp: Path, name: str, *args: str, wait: bool = True, constrained: bool = False):
+        super().__init__(tmp, *args, name=name, token=TOKEN, wait=wait, constrained=constrained)
 
     def call(self, method: str, path: str, body=None, token: bool = False, timeout: float = 600) -> dict:
         status, out = super().call(method, path, body, token=TOKEN if token else None, timeout=timeout)

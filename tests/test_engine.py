@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mondrian.models.generation import Decoder
+from mondrian.models.decode import Decoder
 from mondrian.serve.engine import EngineError, ModelWorker
 from tests.helpers import write_random_adapter
 
@@ -182,3 +182,23 @@ def test_unload_frees_the_slot_and_unknown_versions_fail(worker, adapters):
     again = worker.load(ADV, "v1", adapters["v1"])
     assert again.slot == slot  # the freed slot is reused
     assert alone(worker, (ADV, "v1"), PROMPTS[2], 10).generation.text == answer
+
+
+def test_prefix_cache_is_per_version_and_a_reload_drops_it(worker, adapters):
+    """Prompts are cached per version (LoRA layers change k/v): a version reloaded with other
+    weights under the same name drops its entries, so its next answer is the new weights'
+    answer, never one decoded on the old weights' prefix."""
+    cache = worker.prefix_cache
+    prompt = PROMPTS[3]
+    v2_answer = alone(worker, (ADV, "v2"), prompt, 10).generation.text
+    worker.load(ADV, "vx", adapters["v1"])
+    first = alone(worker, (ADV, "vx"), prompt, 10)
+    again = alone(worker, (ADV, "vx"), prompt, 10)
+    assert again.generation.prefix_hit == len(prompt) - 1 and again.generation.text == first.generation.text
+    assert first.generation.text != v2_answer  # the two adapters answer differently
+    worker.load(ADV, "vx", adapters["v2"])  # same name, other weights
+    reloaded = alone(worker, (ADV, "vx"), prompt, 10)
+    assert reloaded.generation.prefix_hit == 0 and reloaded.generation.text == v2_answer
+    assert worker.unload(ADV, "vx")
+    assert cache.drop((ADV, "vx")) == 0  # unloading dropped the new entries too
+    assert worker.stats()["prefix_cache"]["hits"] >= 1

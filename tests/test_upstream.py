@@ -8,12 +8,9 @@ from importlib.metadata import version
 from types import SimpleNamespace
 
 import mlx.nn as nn
-import numpy as np
 import pytest
 
 from mondrian.models import upstream
-
-NEVER = [10**9]  # a stop token no model emits: rows end at their max_tokens
 
 
 @pytest.mark.parametrize("package", sorted(upstream.CHECKED))
@@ -106,93 +103,3 @@ def test_image_token_id_agrees_with_mlx_vlm(config):
 
     dataset = SimpleNamespace(config=config)
     assert upstream.image_token_id(dataset) == _image_token_id(dataset)
-
-
-# ---- mlx-lm: the batch objects generation.Decoder drives
-
-
-class Recorder:
-    """The model, recording each call's input tokens."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def __getattr__(self, name: str):  # layers, make_cache: the model's own
-        return getattr(self.model, name)
-
-    def __call__(self, inputs, cache=None):
-        self.calls.append(np.array(inputs))
-        return self.model(inputs, cache=cache)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama):
-    from mlx_lm import load
-
-    model, _ = load(str(tiny_llama.path))
-    return model
-
-
-def _alone(model, prompt: list[int], max_tokens: int) -> list[int]:
-    batch = upstream.start_rows(model, [0], [prompt], [max_tokens], [None], NEVER)
-    out = []
-    while len(batch):
-        out += [r.token for r in batch.next()]
-    return out
-
-
-def test_batch_rows_are_uids_in_order_through_joins_and_leaves(llama):
-    import mlx.core as mx
-
-    prompts = {10: [1, 5, 9, 14, 3], 11: [1, 7, 40], 12: [2], 13: [1, 3, 5, 7, 11, 13, 17], 14: [4, 8]}
-    limits = {10: 6, 11: 2, 12: 4, 13: 5, 14: 3}
-    model = Recorder(llama)
-    got: dict[int, list[int]] = {u: [] for u in prompts}
-    with mx.stream(upstream.decode_stream()):
-        batch = upstream.start_rows(model, [10, 11, 12], [prompts[u] for u in (10, 11, 12)],
-                                    [limits[u] for u in (10, 11, 12)], [None] * 3, NEVER)
-        assert batch.uids == [10, 11, 12]
-        assert model.calls[-1].tolist() == [[3], [40], [2]]  # the first step: each row's last prompt token
-        step = 0
-        while len(batch):
-            order = list(batch.uids)
-            n_calls = len(model.calls)
-            responses = batch.next()
-            assert len(model.calls) == n_calls + 1 and model.calls[-1].shape == (len(order), 1)
-            assert [r.uid for r in responses] == order  # one response per row, in the call's row order
-            assert model.calls[-1][:, 0].tolist() == [r.token for r in responses]
-            for r in responses:
-                got[r.uid].append(r.token)
-                assert (r.finish_reason == "length") == (len(got[r.uid]) == limits[r.uid])
-            assert batch.uids == [r.uid for r in responses if r.finish_reason is None]  # leavers drop out
-            step += 1
-            if step in (1, 3):  # rows join mid-decode, after the running ones
-                new = [13] if step == 1 else [14]
-                batch.extend(upstream.start_rows(model, new, [prompts[u] for u in new], [limits[u] for u in new],
-                                                 [None], NEVER))
-                assert batch.uids[-1] == new[0]
-    mx.synchronize(upstream.decode_stream())
-    # each row generated what it generates alone: row i of every call was uids[i]
-    assert got == {u: _alone(llama, prompts[u], limits[u]) for u in prompts}
-    assert len({tuple(v) for v in got.values()}) > 1
-
-
-def test_start_rows_applies_each_rows_logits_processor(llama):
-    banned = []
-
-    def ban_first(context, logits):  # one row's processor: never its unconstrained first choice
-        import mlx.core as mx
-
-        if not banned:
-            banned.append(int(mx.argmax(logits[0]).item()))
-        mask = mx.arange(logits.shape[-1]) == banned[0]
-        return mx.where(mask, mx.array(-float("inf"), dtype=logits.dtype), logits)
-
-    prompts = [[1, 5, 9], [1, 7, 40]]
-    plain = [_alone(llama, p, 3) for p in prompts]
-    batch = upstream.start_rows(llama, [0, 1], prompts, [3, 3], [None, ban_first], NEVER)
-    got = {0: [], 1: []}
-    while len(batch):
-        for r in batch.next():
-            got[r.uid].append(r.token)
-    assert got[0] == plain[0] and banned[0] not in got[1]

@@ -11,7 +11,7 @@ from mondrian.core.adapters import CONFIG, AdapterError, read_config
 from mondrian.core.config import ConfigError
 from mondrian.core.contracts import get_advisor
 from mondrian.evaluate.run import EvalError, evaluate
-from mondrian.models.generation import GenerationError
+from mondrian.models.decode import GenerationError
 from mondrian.registry.store import Registry
 
 

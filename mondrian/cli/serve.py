@@ -45,6 +45,9 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
               help="Read the admin token from this file (its first line).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Requests decoded together.")
+@click.option("--prefix-cache-mb", default=256.0, show_default=True, type=click.FloatRange(min=0),
+              help="Memory for the KV state of prompt prefixes (system prompt, chat template), kept per "
+                   "LoRA version and reused by later requests; 0 turns it off.")
 @click.option("--max-versions", default=8, show_default=True, type=click.IntRange(min=1),
               help="LoRA versions loaded per base model. Versions a routing plan serves are never "
                    "evicted; a plan that needs more is refused (409).")
@@ -60,7 +63,7 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
               help="Folder for request images under --log-payloads full [request-images/ beside --db].")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
           db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
-          admin_token_file: str | None, max_batch: int, max_versions: int, ready_file: str | None,
+          admin_token_file: str | None, max_batch: int, prefix_cache_mb: float, max_versions: int, ready_file: str | None,
           unconstrained: bool, log_payloads: str, image_store: str | None) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
@@ -75,7 +78,7 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
             raise click.ClickException(f"{admin_token_file}: the admin token file is empty")
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
                         advisors=list(advisors), model=model_spec, admin_token=admin_token,
-                        max_batch=max_batch, max_versions=max_versions, constrained=not unconstrained,
+                        max_batch=max_batch, prefix_cache_mb=prefix_cache_mb, max_versions=max_versions, constrained=not unconstrained,
                         log_payloads=log_payloads, image_store=image_store)
     service = Service(cfg, _resolve_model, load_advisors(), judge=judge)
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from mondrian.core.contracts import Advisor, canonical, loads_strict
 from mondrian.evaluate import stats
-from mondrian.models.generation import Generation
+from mondrian.models.decode import Generation
 
 ABS_TOL = 0.5
 REL_TOL = 0.05

@@ -24,7 +24,7 @@ from mondrian.evaluate.metrics import (
     score_answer,
 )
 from mondrian.evaluate.rows import EvalRow
-from mondrian.models.generation import Generation
+from mondrian.models.decode import Generation
 
 WORST_SHOWN = 10
 DIFFER_SHOWN = 5

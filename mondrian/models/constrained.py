@@ -24,7 +24,7 @@ import llguidance.numpy as lnp
 import mlx.core as mx
 import numpy as np
 
-from mondrian.models.generation import GenerationError
+from mondrian.models.decode import GenerationError
 
 MAX_BRANCHES = 64
 
@@ -340,6 +340,42 @@ class _MaskProcessor:
             return not (nxt & self.c.plain[: nxt.size]).any()
         finally:
             self.matcher.rollback(1)
+
+    # ---- the protocol `decode.Decoder` drives (no logits needed to know the mask)
+
+    def feed(self, tokens: list[int]) -> None:
+        """The row's next tokens (chosen by the model or forced), in order."""
+        self.answer += tokens
+        if not self.matcher.consume_tokens(tokens) and self.failed is None:
+            self.failed = self.matcher.get_error()
+
+    def allowed(self, width: int) -> np.ndarray:
+        """The tokens allowed next, as a bool vector of `width` (the model's output size)."""
+        return self._allowed(width)
+
+    def forced(self) -> int | None:
+        """The one token the rules allow next, or None when there is a choice (or the grammar
+        is in error: `allowed` then ends the answer). A forced token is what greedy decoding
+        under `allowed` picks whatever the logits say, so appending it without a model step
+        changes no answer. Cheap: one grammar mask, and the repeat check for that one token."""
+        if self.matcher.is_error():
+            return None
+        lnp.fill_next_token_bitmask(self.matcher, self.words, 0)
+        words = self.words.view(np.uint32)[0]
+        nz = np.flatnonzero(words)
+        if nz.size != 1:
+            return None
+        word = int(words[nz[0]])
+        if word & (word - 1):
+            return None
+        token = int(nz[0]) * 32 + word.bit_length() - 1
+        if token >= self.vocab:
+            return None
+        if self.c.unique and self.answer and token not in self.eos:
+            key, items, partial = open_list(self.c.decode(self.answer))
+            if key in self.c.unique and items and self._repeats(token, key, items, partial):
+                return None  # the repeat is masked: `allowed` decides what remains
+        return token
 
     def __call__(self, context, logits):
         n = int(context.shape[-1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 # What tests/test_upstream.py holds these wrappers to; pyproject.toml pins the same versions.
@@ -52,31 +53,86 @@ def decode_stream() -> Any:
     return generation_stream
 
 
-def start_rows(model: nn.Module, uids: Sequence[int], prompts: Sequence[list[int]],
-               max_tokens: Sequence[int], processors: Sequence[Callable | None],
-               stop_tokens: Sequence[int]) -> Any:
-    """New rows as mlx-lm's `GenerationBatch`: their prompts processed together (right-padded,
-    as `BatchGenerator` does it) and their first decode step started, greedy, each row stopping
-    at any of `stop_tokens` or after its `max_tokens`; one logits processor (or None) per row.
+# mlx-lm text models whose __call__ is exactly `head(model.model(inputs, cache))`: tied
+# embeddings -> `model.model.embed_tokens.as_linear`, else `model.lm_head` (no logit scaling,
+# no soft-capping). tests/test_decode.py checks it on llama and qwen2, and checks that rows fed
+# right-padded through `batch_cache` / `pad_right` / `unpad` equal rows fed alone.
+SPLIT_HEAD_MODELS = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
-    What `generation.Decoder` relies on (tests/test_upstream.py checks it): every model call
-    this makes, and each later `batch.next()` makes, has the batch's rows in `batch.uids`
-    order, the order given here; `next()` returns one response per row in that order (`uid`,
-    `token`, `finish_reason`) and drops the finished rows, keeping the others' order;
-    `batch.extend(other)` appends `other`'s rows. `BatchGenerator` is made of these
-    objects; it does not say which rows each model call is for, so we drive them ourselves."""
-    from mlx_lm.generate import (  # noqa: PLC0415 - heavy: mlx_lm import ~1.5 s
-        PromptProcessingBatch,
-        StopSequences,
-    )
+
+def split_head(model: nn.Module) -> tuple[Callable, Callable, mx.array | None] | None:
+    """(body, head, head weight) with `model(x, cache) == head(body(x, cache))`, or None for a
+    model type not known to be built that way. The weight (vocab, hidden) is None where it
+    cannot be gathered row by row (a quantized head): the decoder then projects in full."""
+    args = getattr(model, "args", None)
+    if getattr(args, "model_type", None) not in SPLIT_HEAD_MODELS or not hasattr(model, "model"):
+        return None
+    if getattr(args, "tie_word_embeddings", False):
+        emb = model.model.embed_tokens
+        weight = emb.weight if type(emb) is nn.Embedding else None
+        return model.model, emb.as_linear, weight
+    head = model.lm_head
+    weight = head.weight if type(head) is nn.Linear and "bias" not in head else None
+    return model.model, head, weight
+
+
+def batch_cache(model: nn.Module, prefixes: Sequence[list[tuple[mx.array, mx.array]] | None]) -> list:
+    """A batch KV cache (one mlx-lm `BatchKVCache` per layer) for rows starting from the given
+    per-layer (keys, values) prefixes (None: an empty row); rows are left-padded to the
+    longest. GenerationError-free: a model whose cache is not a plain KVCache raises ValueError."""
     from mlx_lm.models.cache import (  # noqa: PLC0415 - heavy: mlx_lm import ~1.5 s
+        BatchKVCache,
+        KVCache,
         make_prompt_cache,
     )
 
-    n = len(uids)
-    stop = StopSequences([[t] for t in stop_tokens])
-    batch = PromptProcessingBatch(
-        model, list(uids), [make_prompt_cache(model) for _ in range(n)], samplers=[None] * n,
-        logits_processors=[[p] if p else [] for p in processors], stop_sequences=[stop] * n,
-        max_tokens=list(max_tokens))
-    return batch.generate([list(p) for p in prompts])  # all but the last token prefilled, then one step
+    layers = make_prompt_cache(model)
+    if not all(type(c) is KVCache for c in layers):
+        raise ValueError(f"{type(model).__name__}: its cache is not a plain KVCache; batched decoding needs one")
+    out = []
+    for i in range(len(layers)):
+        rows = []
+        for prefix in prefixes:
+            c = KVCache()
+            if prefix is not None:
+                c.keys, c.values = prefix[i]
+                c.offset = c.keys.shape[2]
+            rows.append(c)
+        out.append(BatchKVCache.merge(rows))
+    return out
+
+
+def pad_right(caches: list, padding: Sequence[int]) -> None:
+    """The next model call's inputs are right-padded by `padding` per row (as mlx-lm's prompt
+    processing does it); `unpad` afterwards turns the padding into masked left padding."""
+    for c in caches:
+        c.prepare(right_padding=list(padding))
+
+
+def unpad(caches: list) -> None:
+    for c in caches:
+        c.finalize()
+
+
+def row_kv(caches: list, row: int) -> list[tuple[mx.array, mx.array]]:
+    """Row `row`'s keys and values per layer, padding dropped (`BatchKVCache.extract`)."""
+    out = []
+    for c in caches:
+        kv = c.extract(row)
+        out.append((kv.keys, kv.values))
+    return out
+
+
+def keep_rows(caches: list, rows: Sequence[int]) -> None:
+    """Keep only `rows` of a batch cache, in that order (`BatchKVCache.filter`)."""
+    for c in caches:
+        c.filter(list(rows))
+
+
+def join(caches: list, other: list) -> list:
+    """`other`'s rows appended after `caches`' (`BatchKVCache.extend`); returns the joined cache."""
+    if not caches:
+        return other
+    for a, b in zip(caches, other, strict=True):
+        a.extend(b)
+    return caches

@@ -23,6 +23,7 @@ class ServiceConfig:
     max_prompt_tokens: int = 1024
     max_batch: int = 8
     max_versions: int = 8  # LoRA versions loaded per base model; what a plan serves is never evicted
+    prefix_cache_mb: float = 256  # KV state of prompt prefixes kept per base model (0: none)
     poll_s: float = 0.5
     constrained: bool = True  # text advisors decode under their contract's grammar
     log_payloads: str = "full"  # what a requests row keeps of input and answer: full | hash | off

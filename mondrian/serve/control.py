@@ -24,7 +24,7 @@ from mondrian.core.config import ConfigError
 from mondrian.core.contracts import Advisor
 from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
 from mondrian.models.constrained import SchemaConstraint
-from mondrian.models.generation import GenerationError
+from mondrian.models.decode import GenerationError
 from mondrian.registry.records import RegistryError
 from mondrian.registry.store import Registry
 from mondrian.serve.config import ServiceConfig
@@ -135,7 +135,8 @@ class ControlPlane:
             if worker is None:
                 worker = (VisionWorker(name, path, fingerprint, max_versions=self.cfg.max_versions) if vision
                           else ModelWorker(name, path, fingerprint, max_batch=self.cfg.max_batch,
-                                           max_versions=self.cfg.max_versions))
+                                           max_versions=self.cfg.max_versions,
+                                           prefix_cache_mb=self.cfg.prefix_cache_mb))
                 worker.keep = lambda w=worker: self._kept(w)
                 try:
                     worker.wait_ready(600)

@@ -34,7 +34,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mondrian.core.adapters import AdapterError, LoraLayout, lora_targets, read_adapter
-from mondrian.models.generation import Decoder, Generation, chat_prompt, generate_batch
+from mondrian.models.decode import DecodeOptions, Decoder, Generation, PrefixCache
+from mondrian.models.generation import chat_prompt, generate_batch
 from mondrian.serve.slots import RowSlots, SlotLoRALinear
 
 SMOKE_PROMPT = [{"role": "user", "content": "hello"}]
@@ -152,9 +153,12 @@ class ModelWorker(ModelThread):
     """One base model and its LoRA versions, owned by one thread."""
 
     def __init__(self, name: str, path: str | Path, fingerprint: str, *, max_batch: int = 8,
-                 max_versions: int = 8):
+                 max_versions: int = 8, prefix_cache_mb: float = 256, options: DecodeOptions | None = None):
         self.name, self.path, self.fingerprint = name, Path(path), fingerprint
         self.max_batch, self.max_versions = max_batch, max_versions
+        # prompt prefixes' KV state per (version, slot); a version loaded again or unloaded drops its own
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb > 0 else None
+        self.options = options or DecodeOptions()
         self.versions: dict[tuple[str, str], LoadedVersion] = {}
         self.keep: Callable[[], set[Key]] = set  # what the routing plans serve: never evicted
         self.rows = RowSlots()
@@ -194,7 +198,7 @@ class ModelWorker(ModelThread):
     def stats(self) -> dict:
         return {"batches": self.batches, "decode_steps": self.steps, "decoded_rows": self.row_steps,
                 "model_calls": self.rows.calls, "mixed_version_calls": self.rows.mixed_calls,
-                "loads": self.loads}
+                "loads": self.loads, "prefix_cache": self.prefix_cache.stats() if self.prefix_cache else None}
 
     def close(self) -> None:
         if self._stop:
@@ -249,7 +253,8 @@ class ModelWorker(ModelThread):
                     self._control(c)
                 controls = []
                 if pending:
-                    dec = Decoder(self.model, self.tokenizer, self.max_batch, self.rows)
+                    dec = Decoder(self.model, self.tokenizer, self.max_batch, self.rows, self.prefix_cache,
+                                  self.options)
                     self.batches += 1
             if dec is not None:
                 if not controls:  # a waiting control closes the batch to new rows: it drains, then the control runs
@@ -280,7 +285,7 @@ class ModelWorker(ModelThread):
                 job.future.set_exception(EngineError(f"{job.key[0]} {job.key[1]} is not loaded on model {self.name}"))
                 continue
             job.admitted = now
-            dec.add(job.prompt, job.max_tokens, job.processor, tag=job, slot=slot)
+            dec.add(job.prompt, job.max_tokens, job.processor, tag=job, slot=slot, cache_key=job.key)
         return rest
 
     def _step(self, dec: Decoder) -> None:
@@ -342,6 +347,7 @@ class ModelWorker(ModelThread):
                 f"LoRA layers with no tensor: {', '.join(missing[:3])}" if missing else ""])))
         key = (advisor, version)
         make_room(self.versions, self.max_versions, key, self.keep())
+        self._forget_prefixes(key)
         old = self.versions.get(key)
         used = {v.slot for k, v in self.versions.items() if k != key}
         slot = old.slot if old else next(s for s in range(1, len(self.versions) + 2) if s not in used)
@@ -363,6 +369,11 @@ class ModelWorker(ModelThread):
             self._unload(oldest)
         return loaded
 
+    def _forget_prefixes(self, key: Key) -> None:
+        """Drop the cached prompt prefixes of `key`: its weights change or leave."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop(key)
+
     def _place(self, slot: int, pairs: dict[str, tuple], scale: float) -> None:
         """Put a version's (lora_a, lora_b) pairs in `slot` of every slot layer (none where it
         has none; its layers are wrapped already)."""
@@ -374,6 +385,7 @@ class ModelWorker(ModelThread):
         v = self.versions.pop(key, None)
         if v is None:
             return False
+        self._forget_prefixes(key)
         for layer in self._layers.values():
             layer.set_slot(v.slot, None)
         return True

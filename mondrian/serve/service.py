@@ -140,8 +140,7 @@ class Service(ControlPlane):
                 "version": final.version, "answer": out.obj, "text": final.generation.text,
                 "contract_ok": bool(out.ok), "fallback": out.fallback,
                 "finish_reason": final.generation.finish_reason, "latency_ms": round(latency_ms, 3),
-                "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generation.tokens,
-                          "total_tokens": final.prompt_tokens + final.generation.tokens}}
+                "usage": usage(final)}
 
     def record_feedback(self, request_id: str, verdict: Verdict) -> dict:
         if self.feedback is None:
@@ -239,3 +238,14 @@ class Service(ControlPlane):
             self.log.submit(row)
 
         fut.add_done_callback(done)
+
+
+def usage(answer: Answer) -> dict:
+    """OpenAI's usage object, with what the decoder saved: prompt tokens whose KV state came
+    from the prefix cache (`prompt_tokens_details.cached_tokens`, OpenAI's own field), and
+    the answer's model calls and grammar-forced tokens (ours)."""
+    gen = answer.generation
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": gen.tokens,
+            "total_tokens": answer.prompt_tokens + gen.tokens,
+            "prompt_tokens_details": {"cached_tokens": gen.prefix_hit},
+            "completion_tokens_details": {"model_calls": gen.model_calls, "forced_tokens": gen.forced}}
