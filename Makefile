@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo data train train-full eval publish serve test lint bench bench-quality clean
+.PHONY: setup demo data train train-dist train-full eval publish serve test lint bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ data: setup
 train: data
 	$(VENV)/bin/mondrian train --config lora/fit-query.yaml \
 	    --adapter-path workspace/runs/fit-query-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
+
+# make train, data-parallel over 2 local ranks (mlx.launch, ring backend on loopback). Across Macs:
+# a hostfile instead of --hosts/-n (README, "Training on several Macs").
+train-dist: data
+	$(VENV)/bin/mlx.launch --backend ring --hosts 127.0.0.1 -n 2 --python $(PY) $(VENV)/bin/mondrian \
+	    train --config lora/fit-query.yaml --adapter-path workspace/runs/fit-query-dist-$$(date +%Y%m%d-%H%M%S)
 	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
 
 # The quality run for the issue-5 targets: all layers, attention + MLP, 600 steps (~1 h on 2 cores).
@@ -61,6 +68,8 @@ bench: data
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_service.py
 	$(PY) scripts/bench_retrieval.py
+	$(PY) scripts/bench_latency.py
+	$(PY) scripts/bench_dist.py
 
 # Quality per wall-clock budget (three training arms), 3 seeds of two trainers, and our loop with
 # one setting changed at a time (~5 h on 2 cores, estimated; --parts picks some).

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from bench_service import ADV, Server, bench_throughput, machine, make_registry 
 from mondrian.core.contracts import get_advisor  # noqa: E402
 from mondrian.core.retrieval import RetrievalIndex, prompt_messages  # noqa: E402
 
+PARTS = ("latency", "ablation", "throughput", "quant")
 TARGETS = {"p50_ratio_max": 0.25, "throughput_ratio_min": 1.2, "absolute_p50_ms_goal": 200}
 
 
@@ -281,7 +283,7 @@ def main() -> None:
     ap.add_argument("--registry", default=str(ROOT / "adapters"))
     ap.add_argument("--adapter", help="adapter folder (default: the registry's fit-query production version)")
     ap.add_argument("--dataset", default=str(ROOT / "workspace/datasets/fit-query"))
-    ap.add_argument("--parts", default="latency,ablation,throughput,quant")
+    ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--throughput-prompts", type=int, default=32)
     ap.add_argument("--quant-rows", type=int, default=4,
                     help="test rows per base precision (a 4-bit prefill on CPU takes tens of seconds)")
@@ -321,7 +323,13 @@ def main() -> None:
             result["ablation"] = bench_ablation(loaded, prompts, args.max_tokens)
         if "throughput" in parts:
             print("throughput: two arms through mondrian serve vs batch_generate", flush=True)
-            reg_root, info = make_registry(card, "smollm2-135m", tmp, str(adapter))
+            # the adapter's weights without its retrieval index: batch_generate gets the plain
+            # advisor prompts, so the service must serve the same ones
+            plain = tmp / "plain-adapter"
+            plain.mkdir()
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                shutil.copy(adapter / name, plain / name)
+            reg_root, info = make_registry(card, "smollm2-135m", tmp, str(plain))
             result["throughput"] = bench_throughput(card, "smollm2-135m", reg_root, tmp,
                                                     questions[:args.throughput_prompts], max_tokens=32,
                                                     max_batch=16, concurrency=16, rounds=2, diagnostics=False)
@@ -335,8 +343,17 @@ def main() -> None:
         met["p50_ratio"] = result["latency"]["ratio_p50"] <= TARGETS["p50_ratio_max"]
     if "throughput" in result:
         met["throughput_ratio"] = result["throughput"]["ratio"] >= TARGETS["throughput_ratio_min"]
-    result["met"] = met
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for part in parts & set(result):
+        result[part]["when"] = result["when"]  # parts of one file may come from different runs
+    out = Path(args.out)
+    if parts != set(PARTS) and out.exists():  # a partial run updates its parts, keeps the others
+        old = json.loads(out.read_text())
+        for part in set(PARTS) - parts:
+            if part in old:
+                old[part].setdefault("when", old["when"])
+        result = old | {k: v for k, v in result.items() if k != "met"}
+    result["met"] = {**result.get("met", {}), **met}
+    out.write_text(json.dumps(result, indent=1) + "\n")
     summary = {k: v for k, v in result.get("latency", {}).items() if k != "rows"}
     print(json.dumps({"latency": summary, "ablation": result.get("ablation"),
                       "throughput_ratio": result.get("throughput", {}).get("ratio"), "quant": result.get("quant"),

@@ -350,3 +350,40 @@ def test_outcomes_acceptance_sequential_decision_and_guardrails(tmp_path):
     assert g["fallback_rate"]["status"] == "pending"  # 0 vs 0: nothing to say, nothing proven
     md = format_report(ab_report(log.path))
     assert "| treatment - control | +30.0 pp |" in md and "error_rate harm" in md
+
+
+def test_replicas_logs_read_as_one(tmp_path):
+    """Two service replicas, each with its own requests file (same plan, sticky hash): one
+    report over both equals the report of one file holding all the rows; SRM is over the
+    union (each replica alone looks skewed, together the split is fair); the same file twice,
+    or two copies of one log, are refused rather than counted twice."""
+    rows = {"a": [], "b": []}
+    for i in range(1000):  # replica a got 70% of control's users, replica b 70% of treatment's
+        arm = "control" if i % 2 == 0 else "treatment"
+        side = "a" if (i % 10 < 7) == (arm == "control") else "b"
+        rows[side].append({"arm": arm, "assigned_version": "v1" if arm == "control" else "v2",
+                           "served_version": "v1" if arm == "control" else "v2",
+                           "request_id": f"req-{side}-{i}", "contract_ok": int(i % 3 != 0)})
+    logs = {}
+    for side, items in (*rows.items(), ("all", rows["a"] + rows["b"])):
+        log = Log(tmp_path / f"{side}.db")
+        for r in items:
+            log.add(**r)
+        logs[side] = log.save()
+        record_routing(log.path, "r1", "fit-query", FIFTY_FIFTY)
+    alone = ab_report(logs["a"])["advisors"]["fit-query"]
+    assert alone["srm"][0]["srm"] is True  # one replica's share alone is 70/30
+    both = ab_report([logs["a"], logs["b"]])
+    union = ab_report(logs["all"])
+    assert both["advisors"] == union["advisors"]
+    e = both["advisors"]["fit-query"]
+    assert e["srm"][0]["srm"] is False
+    assert sum(a["requests"] for a in e["arms"].values()) == 1000
+    runner = CliRunner()
+    res = runner.invoke(cli, ["ab", "report", "--db", str(logs["a"]), "--db", str(logs["b"]), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["advisors"] == union["advisors"]
+    with pytest.raises(DBError, match="more than once"):
+        ab_report([logs["a"], logs["a"]])
+    with pytest.raises(DBError, match="request ids appear in more than one"):
+        ab_report([logs["all"], logs["b"]])

@@ -139,6 +139,7 @@ def test_prefix_cache_longest_prefix_per_key_lru_and_drop():
     assert n == 4 and kv[0][0].shape == (1, 2, 4, 4) and mx.all(kv[0][0] == 1.0).item()
     assert cache.lookup("v1", list(range(10)))[0] == 9  # never the whole prompt: its last logits are needed
     assert cache.lookup("v1", list(range(12)))[0] == 10
+    assert cache.covers("v1", list(range(6))) and not cache.covers("v1", list(range(11)))
     cache.insert("v1", list(range(6)), _kv(6))  # already covered: not kept twice
     assert len(cache) == 1
     for k in ("v2", "v3", "v4"):  # the byte bound drops the least recently used

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -50,7 +51,14 @@ from mondrian.ab.outcomes import (
     guardrails,
     read_units,
 )
-from mondrian.core.db import PINNED_ARM, REQUEST_ERROR_SQL, DBError, connect, has_table
+from mondrian.core.db import (
+    PINNED_ARM,
+    REQUEST_ERROR_SQL,
+    DBError,
+    connect,
+    connect_union,
+    has_table,
+)
 from mondrian.evaluate.stats import SRM_ALPHA, mcnemar, percentile, srm_chi2, two_proportion_ztest
 from mondrian.serve.rollout import timeline
 
@@ -67,15 +75,31 @@ METHODS = {"ci": "Newcombe hybrid score (method 10); unpooled Wald beside it",
            "percentiles": "linear interpolation"}
 
 
-def _open_log(db_path: str | Path) -> sqlite3.Connection:
-    """A read-only connection to a database that has the `requests` table."""
-    conn = connect(db_path, read_only=True)
-    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    if "requests" not in tables:
+LOG_TABLES = ("requests", "feedback", "routing_configs", "rollout_events")
+
+
+def _open_log(db_path: str | Path | Sequence[str | Path]) -> sqlite3.Connection:
+    """A read-only connection to a database that has the `requests` table; given several
+    (service replicas, each writing its own), one connection over all of them
+    (`connect_union`), refused when a request id appears in more than one."""
+    paths = [db_path] if isinstance(db_path, (str, Path)) else list(db_path)
+    for path in paths:
+        conn = connect(path, read_only=True)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        if "requests" not in tables:
+            conn.close()
+            raise DBError(f"{Path(path)}: no 'requests' table "
+                          f"(tables: {', '.join(sorted(tables)) or 'none'}); "
+                          "it is written by the advisor service's request log")
+        if len(paths) == 1:
+            return conn
         conn.close()
-        raise DBError(f"{Path(db_path)}: no 'requests' table "
-                      f"(tables: {', '.join(sorted(tables)) or 'none'}); "
-                      "it is written by the advisor service's request log")
+    conn = connect_union(paths, LOG_TABLES, distinct=("routing_configs", "rollout_events"))
+    twice = conn.execute("SELECT count(*) - count(DISTINCT request_id) FROM requests").fetchone()[0]
+    if twice:
+        conn.close()
+        raise DBError(f"{twice} request ids appear in more than one of {', '.join(map(str, paths))}: "
+                      "copies of one log? (each replica writes its own file; ids are unique across them)")
     return conn
 
 
@@ -236,11 +260,12 @@ def _shadow_pairs(conn: sqlite3.Connection, advisor: str | None, since: str | No
     return out
 
 
-def ab_report(db_path: str | Path, advisor: str | None = None, control: str | None = None,
+def ab_report(db_path: str | Path | Sequence[str | Path], advisor: str | None = None, control: str | None = None,
               since: str | None = None, *, error_rate_max: float = ERROR_RATE_MAX,
               p95_max_ms: float = P95_LATENCY_MAX_MS, srm_alpha: float = SRM_ALPHA,
               level: float = 0.95, guard: Guard | None = None) -> dict:
-    """The A/B report of the requests log at `db_path` (see the module docstring).
+    """The A/B report of the requests log at `db_path`, or of several logs read as one
+    (service replicas: `--db a.db --db b.db`; see the module docstring).
 
     `advisor`: only this advisor; `control`: the control arm's name; `since`: only rows
     received at or after this ISO 8601 time (naive = UTC). Raises mondrian.core.db.DBError

@@ -35,6 +35,8 @@ def train_cmd(config_path: str, resume: bool, iters: int | None, adapter_path: s
         result = train(cfg, resume=resume, progress=not (no_progress or as_json))
     except (ConfigError, TrainError) as exc:
         fail(exc)
+    if result.rank != 0:  # under mlx.launch rank 0 reports for the world
+        sys.exit(0 if result.status == "completed" else 3)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -48,8 +50,9 @@ def _print_result(result: TrainResult) -> None:
             if result.best_val_loss is not None else "-")
     first = f"{result.first_val_loss:.4f}" if result.first_val_loss is not None else "-"
     early = " (stopped early)" if result.stopped_early else ""
+    ranks = f", {result.world_size} ranks" if result.world_size > 1 else ""
     click.echo(f"run {result.run_id}: {result.status} after {result.steps} steps "
-               f"({result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s)")
+               f"({result.seconds:.0f} s, {result.tokens_per_s:.0f} tokens/s{ranks})")
     click.echo(f"validation loss {first} -> best {best}{early}")
     click.echo(f"adapter: {result.adapter_path} (the best by validation loss; last step in last/)")
 

@@ -2,8 +2,8 @@
 
 `evaluate()` loads the base model once with the adapter's LoRA layers installed, and answers
 every row of a dataset split (`mondrian.evaluate.rows`) twice with greedy decoding, batched
-through `generation.Decoder` (our loop over the batch objects mlx-lm's `batch_generate` is
-built from):
+through `decode.Decoder` (mondrian's decode loop, the one the service runs, with a prefix
+cache per call: every row shares the system prompt):
 
 - arm `base`: every LoRA layer's `scale` set to 0, which gives the base model's logits bit
   for bit (the LoRA matmuls still run; a test checks the logits against a plain load);

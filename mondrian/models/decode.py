@@ -117,12 +117,17 @@ class PrefixCache:
         kv = self._entries[best][2]
         return best_n, [(k[:, :, :best_n, :], v[:, :, :best_n, :]) for k, v in kv]
 
+    def covers(self, key: Hashable, prompt: list[int]) -> bool:
+        """Whether a cached prompt of `key` starts with all of `prompt`."""
+        tokens = np.asarray(prompt, dtype=np.int64)
+        return any(k == key and len(cached) >= len(tokens) and np.array_equal(cached[:len(tokens)], tokens)
+                   for k, cached, _, _ in self._entries.values())
+
     def insert(self, key: Hashable, prompt: list[int], kv: list) -> None:
         """Keep `prompt`'s KV state unless a cached prompt of `key` already starts with it."""
+        if self.covers(key, prompt):
+            return
         tokens = np.asarray(prompt, dtype=np.int64)
-        for k, cached, _, _ in self._entries.values():
-            if k == key and len(cached) >= len(tokens) and np.array_equal(cached[:len(tokens)], tokens):
-                return
         size = sum(k.nbytes + v.nbytes for k, v in kv)
         if size > self.max_bytes:
             return
@@ -265,7 +270,10 @@ class Decoder:
         chosen = self._choose(rows, last, masks)
         if prefill and self.prefix_cache is not None:
             for i, row in enumerate(rows):
-                self.prefix_cache.insert(row.key, row.prompt, upstream.row_kv(cache, i))
+                if not self.prefix_cache.covers(row.key, row.prompt):
+                    kv = upstream.row_kv(cache, i)
+                    mx.async_eval(kv)  # copied now, off the critical path; the batch buffer is not held
+                    self.prefix_cache.insert(row.key, row.prompt, kv)
         if not prefill:
             self.steps += 1
             self.row_steps += len(rows)

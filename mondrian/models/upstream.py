@@ -2,7 +2,7 @@
 
 mondrian uses a private function of a peer library only where no public one does the job,
 and only through this module, so an upgrade breaks in one place. The same goes for
-undocumented building blocks whose behaviour we rely on (mlx-lm's batch objects). The versions these were
+undocumented building blocks whose behaviour we rely on (mlx-lm's model classes and batch KV cache). The versions these were
 checked against are pinned in pyproject.toml; tests/test_upstream.py fails loudly if the
 installed versions or the behaviour we rely on change.
 """

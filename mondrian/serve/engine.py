@@ -4,9 +4,11 @@ A `ModelWorker` owns one base model (loaded once, in its own thread: MLX streams
 thread that made them) and every LoRA version loaded for it. Each loaded version has a slot
 in the model's `slots.SlotLoRALinear` layers (slot 0 = the base model), so one running
 batch decodes requests for different versions together: requests join it between decode
-steps as they arrive (continuous batching, `generation.Decoder`: our loop over mlx-lm's
-batch objects, which knows the rows of every model call and tells the slot layers their
-slots), each row with its version's slot. No weights move for traffic; the
+steps as they arrive (continuous batching, `decode.Decoder`: mondrian's own loop, which
+knows the rows of every model call and tells the slot layers their slots), each row with its
+version's slot, and starts from the longest prompt prefix already computed for its version
+(the worker's `PrefixCache`, emptied of a version's entries when it is loaded again or
+unloaded). No weights move for traffic; the
 version a row decodes with is fixed when it joins, and every answer carries it: the service
 records that, not what it asked for.
 

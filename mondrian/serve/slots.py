@@ -3,7 +3,7 @@
 Each Linear that some loaded version adapts is wrapped once in a `SlotLoRALinear`, which
 holds every loaded version's LoRA tensors in numbered slots (slot 0 is no adapter: the base
 model). A forward pass reads which slot each batch row uses from the model's `RowSlots`, set
-just before the call (see `generation.Decoder`), so one batch decodes rows of different
+just before the call (see `decode.Decoder`), so one batch decodes rows of different
 versions together (what vLLM and S-LoRA call multi-LoRA batching) and serving another version
 never swaps weights under a running batch.
 

@@ -31,6 +31,7 @@ from mondrian.core.atomic import atomic_folder
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
 from mondrian.models.sources import ModelCard, ModelError, resolve
+from mondrian.train.distributed import ALONE, PeerLost, World
 from mondrian.train.plots import loss_curve_svg
 from mondrian.train.runs import RunStore
 
@@ -54,6 +55,8 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     stopped_early: bool = False
+    world_size: int = 1  # ranks under mlx.launch (tokens and tokens_per_s are the world's)
+    rank: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,12 +73,24 @@ class Hooks:
 class Session:
     """One run in the runs database, new or resumed from `checkpoint`."""
 
-    store: RunStore
+    store: RunStore | ReadOnlyRank
     run_id: str
     start: int
     state: dict
     meta: dict
     checkpoint: Path | None
+    world: World = ALONE
+
+
+class ReadOnlyRank:
+    """The run store of a rank other than 0: rank 0 alone writes the run's records."""
+
+    def __getattr__(self, name: str):
+        if name in ("start", "resume", "log", "truncate_metrics", "finish", "close"):
+            return lambda *a, **k: None
+        if name == "metrics":
+            return lambda *a, **k: []
+        raise AttributeError(name)
 
 
 def runs_db(cfg, data: Path) -> Path:
@@ -115,18 +130,21 @@ def check_output(out: Path, resume: bool) -> Path | None:
 
 
 def begin(cfg, data: Path, out: Path, base_fingerprint: str, checkpoint: Path | None,
-          config_extra: dict | None = None) -> Session:
+          config_extra: dict | None = None, w: World = ALONE) -> Session:
     """Start the run record, or reopen it from `checkpoint` after checking that the data and
-    the base model are the ones the run started with."""
-    store = RunStore(runs_db(cfg, data))
+    the base model are the ones the run started with. Under `mlx.launch` only rank 0 keeps
+    the record; a checkpoint written by another world size resumes exactly (the global batch
+    and its order do not depend on the world size), and the new size is recorded."""
+    store = RunStore(runs_db(cfg, data)) if w.writer else ReadOnlyRank()
     dataset_fp = dataset_fingerprint(data)
     state = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
              "first_val_loss": None, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
-    meta = {"dataset_fingerprint": dataset_fp, "base_model_fingerprint": base_fingerprint}
+    meta = {"dataset_fingerprint": dataset_fp, "base_model_fingerprint": base_fingerprint, "world_size": w.size}
     if checkpoint is None:
-        run_id = store.start("train", cfg.advisor, asdict(cfg) | (config_extra or {}), dataset_fp,
-                             cfg.model, base_fingerprint, str(out.resolve()))
-        return Session(store, run_id, 0, state, meta | {"run_id": run_id}, None)
+        extra = (config_extra or {}) | ({"world_size": w.size} if w.size > 1 else {})
+        run_id = store.start("train", cfg.advisor, asdict(cfg) | extra, dataset_fp,
+                             cfg.model, base_fingerprint, str(out.resolve())) or f"rank-{w.rank}"
+        return Session(store, run_id, 0, state, meta | {"run_id": run_id}, None, w)
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     problem = None
     if saved.get("dataset_fingerprint") != dataset_fp:
@@ -141,7 +159,7 @@ def begin(cfg, data: Path, out: Path, base_fingerprint: str, checkpoint: Path | 
     store.resume(saved["run_id"])
     store.truncate_metrics(saved["run_id"], saved["step"])
     return Session(store, saved["run_id"], saved["step"], {k: saved.get(k, v) for k, v in state.items()},
-                   meta | {"run_id": saved["run_id"]}, checkpoint)
+                   meta | {"run_id": saved["run_id"]}, checkpoint, w)
 
 
 def base_model(spec: str) -> ModelCard:
@@ -218,6 +236,8 @@ def _evaluate(session: Session, out: Path, hooks: Hooks, bar: tqdm, step: int) -
     session.store.log(run_id, step, {"val_loss": val})
     if state["best_val_loss"] is None or val < state["best_val_loss"]:
         state.update(best_val_loss=val, best_step=step, evals_without_improvement=0)
+        if not session.world.writer:
+            return
         with atomic_folder(out / "best") as tmp:
             hooks.save_adapter(tmp, {"step": step, "val_loss": val})
             (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val,
@@ -271,16 +291,15 @@ def _account(state: dict, window: dict, loss: float, weight: int, tokens: int) -
 def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: bool = True,
         stop_after: int | None = None) -> TrainResult:
     """Steps start+1 .. iters with reports, evaluations, checkpoints; then the final files.
-
-    `stop_after` ends this process's work after that many steps, as a kill would (tests);
-    the run stays resumable."""
+    `stop_after` ends this process's work after that many steps, as a kill would (tests)."""
     t_start = time.perf_counter()
     store, run_id, state, start = session.store, session.run_id, session.state, session.start
     # resume checks the dataset fingerprint (which covers the index): these are the run's bytes
     index_path = Path(cfg.data) / INDEX_FILE
     index = index_path.read_bytes() if index_path.is_file() else None
+    writer = session.world.writer  # under mlx.launch, rank 0 alone writes files
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not writer, dynamic_ncols=True)
     window = _window()
     last_train_loss, status, error, stopped_early, step = None, "completed", None, False, start
     want_save = False
@@ -293,7 +312,8 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                            tokens=state["tokens"], loss_tokens=state["loss_tokens"],
                            seconds=round(time.perf_counter() - t_start, 2),
                            tokens_per_s=round(state["tokens"] / secs, 1) if secs else 0.0,
-                           stopped_early=stopped_early)
+                           stopped_early=stopped_early, world_size=session.world.size,
+                           rank=session.world.rank)
 
     try:
         with Interrupt() as interrupt:
@@ -317,7 +337,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                             and state["evals_without_improvement"] >= cfg.early_stopping_patience):
                         stopped_early = True
                 want_save = want_save or step % cfg.save_every == 0 or stopped_early or interrupt.hit
-                if want_save and boundary:
+                if want_save and boundary and writer:
                     save_checkpoint(out / "checkpoints", step, hooks, optimizer, state | session.meta,
                                     cfg.keep_checkpoints)
                     want_save = False
@@ -332,9 +352,12 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                 if interrupt.hit:
                     status = "interrupted"
                     break
-        _publish(out, hooks, step, index)
+        if writer:
+            _publish(out, hooks, step, index)
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
+    except PeerLost as exc:  # another rank died: resumable from the last checkpoint
+        status, error = "interrupted", str(exc)
     except Exception as exc:
         store.finish(run_id, "failed", {"steps": step}, f"{type(exc).__name__}: {exc}")
         store.close()
@@ -342,9 +365,16 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
     finally:
         bar.close()
     res = result(status)
-    store.finish(run_id, status, res.to_dict(), error)
-    series = {name: [(s, v) for s, n, v in store.metrics(run_id) if n == name]
-              for name in ("train_loss", "val_loss")}
-    (out / "loss_curve.svg").write_text(loss_curve_svg(series, f"{cfg.advisor or 'train'} {run_id}"))
-    store.close()
+    _close_run(session, res, error, out, cfg.advisor)
     return res
+
+
+def _close_run(session: Session, res: TrainResult, error: str | None, out: Path, advisor: str | None) -> None:
+    """The run's record finished and its loss curve drawn (rank 0's work)."""
+    store, run_id = session.store, session.run_id
+    store.finish(run_id, res.status, res.to_dict(), error)
+    if session.world.writer:
+        series = {name: [(s, v) for s, n, v in store.metrics(run_id) if n == name]
+                  for name in ("train_loss", "val_loss")}
+        (out / "loss_curve.svg").write_text(loss_curve_svg(series, f"{advisor or 'train'} {run_id}"))
+    store.close()

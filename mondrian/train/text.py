@@ -33,6 +33,7 @@ from mondrian.core.adapters import AdapterError, lora_targets, transformer_block
 from mondrian.core.jsonl import read_jsonl
 from mondrian.train import loop
 from mondrian.train.config import TrainConfig, make_optimizer
+from mondrian.train.distributed import World, check_batch, fault_injection, world
 from mondrian.train.loop import Hooks, TrainError, TrainResult
 
 # --------------------------------------------------------------------------------------------
@@ -225,16 +226,19 @@ def val_batches(split: Split, batch_size: int, n: int) -> list[list[int]]:
     return batches
 
 
-def evaluate(model, loss_fn, split: Split, cfg: TrainConfig) -> float:
-    """Validation loss (token-weighted) over `val_batches(...)`, in a fixed order."""
+def evaluate(model, loss_fn, split: Split, cfg: TrainConfig, w: World) -> float:
+    """Validation loss (token-weighted) over `val_batches(...)`, in a fixed order; each rank
+    scores its shard of every batch and the sums are the world's."""
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     for idx in val_batches(split, cfg.batch_size, cfg.val_batches):
-        batch, lengths = make_batch(split, idx, cfg.max_seq_length)
+        batch, lengths = make_batch(split, w.shard(idx), cfg.max_seq_length)
         loss, toks = loss_fn(model, batch, lengths, *loss_positions(np.array(lengths), batch.shape[1]))
         total += loss * toks
         count += toks
         mx.eval(total, count)
+    total, count = w.sum(total), w.sum(count)
+    w.check(lambda: mx.eval(total, count))
     model.train()
     return (total / count).item()
 
@@ -258,15 +262,18 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
-              cfg: TrainConfig) -> Callable[[int], tuple[float, int, int]]:
+              cfg: TrainConfig, w: World) -> Callable[[int], tuple[float, int, int]]:
     """Training step n -> (mean loss, loss tokens, tokens), a pure function of (seed, n) for
-    the data and the dropout noise, so a resumed run repeats an uninterrupted one."""
+    the data and the dropout noise, so a resumed run repeats an uninterrupted one. Under
+    `mlx.launch` each rank takes its shard of the global batch and every number returned is
+    the world's (mondrian.train.distributed)."""
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
     def step_fn(batch, lengths, positions, valid, prev_grad, do_update, n_accumulated):
         (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths, positions, valid)
+        lvalue, toks, grad = w.token_mean(lvalue, toks, grad)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
@@ -289,16 +296,17 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
         epoch, pos = divmod(step - 1, per_epoch)
         if epoch not in plans:
             plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch, cfg.bucket_batches)}
-        batch, lengths = make_batch(split, plans[epoch][pos], cfg.max_seq_length)
+        fault_injection(w, step)
+        batch, lengths = make_batch(split, w.shard(plans[epoch][pos]), cfg.max_seq_length)
         positions, valid = loss_positions(np.array(lengths), batch.shape[1])
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
         # the last step also updates: an incomplete accumulation still counts (as mlx-vlm's does)
         update = step % accum == 0 or step == cfg.iters
         n_accumulated = (step - 1) % accum + 1
         lvalue, toks, grads[0] = step_fn(batch, lengths, positions, valid, grads[0], update, n_accumulated)
-        mx.eval(lvalue, toks, model.trainable_parameters(), optimizer.state)
-        n_tokens = int(np.sum(np.minimum(np.array(lengths)[:, 1], cfg.max_seq_length)))
-        return lvalue.item(), int(toks.item()), n_tokens
+        n_tokens = w.sum(mx.array(int(np.sum(np.minimum(np.array(lengths)[:, 1], cfg.max_seq_length)))))
+        w.check(lambda: mx.eval(lvalue, toks, n_tokens, model.trainable_parameters(), optimizer.state))
+        return lvalue.item(), int(toks.item()), int(n_tokens.item())
 
     return one_step
 
@@ -316,6 +324,10 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     checkpoint = loop.check_output(out, resume)
     card = loop.base_model(cfg.model)
 
+    w = world()
+    problem = check_batch(cfg.batch_size, w)
+    if problem:
+        raise TrainError(problem)
     mx.random.seed(cfg.seed)
     model, tokenizer = load(card.path)
     train_split = load_split(data, "train", tokenizer, cfg.mask_prompt)
@@ -325,13 +337,13 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     optimizer = make_optimizer(cfg)
     loss_fn = make_loss(model, cfg.answer_only_logits)
 
-    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint)
+    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint, w=w)
     if checkpoint is not None:
         loop.restore_adapter(model, checkpoint)
         loop.restore_optimizer(optimizer, checkpoint)
     mx.eval(model.parameters())
-    hooks = Hooks(step=make_step(model, optimizer, loss_fn, train_split, cfg),
-                  evaluate=lambda: evaluate(model, loss_fn, valid_split, cfg),
+    hooks = Hooks(step=make_step(model, optimizer, loss_fn, train_split, cfg, w),
+                  evaluate=lambda: evaluate(model, loss_fn, valid_split, cfg, w),
                   save_adapter=lambda folder, info: save_adapter(folder, model, cfg, card.path))
     model.train()
     return loop.run(cfg, session, out, hooks, optimizer, progress=progress, stop_after=stop_after)

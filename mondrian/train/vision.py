@@ -44,6 +44,7 @@ from mondrian.core.jsonl import read_jsonl
 from mondrian.models.upstream import image_token_id
 from mondrian.train import loop
 from mondrian.train.config import TrainConfig, make_optimizer
+from mondrian.train.distributed import ALONE, World, check_batch, fault_injection, world
 from mondrian.train.loop import TrainError, TrainResult
 
 ADAPTER_INFO = "mondrian_adapter.json"  # our provenance, beside (mlx-vlm ignores it)
@@ -244,9 +245,11 @@ def _load_model(cfg: TrainConfig, path: str, train_rows: Any,
 
 
 def make_step(model: nn.Module, optimizer: Any, ds: Any, cfg: TrainConfig, pad_id: int,
-              start: int) -> Callable[[int], tuple[float, int, int]]:
+              start: int, w: World = ALONE) -> Callable[[int], tuple[float, int, int]]:
     """Training step n -> (mean loss, loss tokens, tokens) on mlx-vlm's batches and loss;
-    resuming at `start` replays the batch order without data work."""
+    resuming at `start` replays the batch order without data work. Under `mlx.launch` each
+    rank takes its shard of the global batch and the gradient is the world's token-weighted
+    mean (mondrian.train.distributed); validation runs whole on every rank."""
     from mlx_vlm.trainer.common.utils import (  # noqa: PLC0415 - heavy: mlx_vlm loads transformers
         apply_final_accumulated_gradients,
         apply_gradient_step,
@@ -254,20 +257,28 @@ def make_step(model: nn.Module, optimizer: Any, ds: Any, cfg: TrainConfig, pad_i
     from mlx_vlm.trainer.vlm.sft.runtime import vlm_sft_loss  # noqa: PLC0415 - heavy: mlx_vlm loads transformers
 
     loss_fn = partial(vlm_sft_loss, train_on_completions=cfg.mask_prompt)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+    local_value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def value_and_grad(model, batch):
+        (loss, metrics), grad = local_value_and_grad(model, batch)
+        loss, weight, grad = w.token_mean(loss, metrics["weight"], grad)
+        return (loss, metrics | {"weight": weight,
+                                 "num_processed_tokens": w.sum(metrics["num_processed_tokens"])}), grad
+
     accum = cfg.grad_accumulation_steps
     batches = batch_indices(ds, cfg, skip=start)
     grads = [None]  # gradient carried across accumulation steps
 
     def one_step(step: int) -> tuple[float, int, int]:
-        batch = collate(ds, next(batches), cfg, pad_id)
+        fault_injection(w, step)
+        batch = collate(ds, w.shard(next(batches)), cfg, pad_id)
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
         lvalue, metrics, grads[0] = apply_gradient_step(model, optimizer, value_and_grad, batch, grads[0],
                                                         update=step % accum == 0, accumulation_steps=accum)
         if step == cfg.iters:  # a last, incomplete accumulation still counts
             apply_final_accumulated_gradients(model, optimizer, grads[0], step, accum)
             grads[0] = None
-        mx.eval(lvalue, metrics, model.trainable_parameters(), optimizer.state, grads[0])
+        w.check(lambda: mx.eval(lvalue, metrics, model.trainable_parameters(), optimizer.state, grads[0]))
         return lvalue.item(), int(metrics["weight"].item()), int(metrics["num_processed_tokens"].item())
 
     return one_step
@@ -277,6 +288,10 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
          stop_after: int | None) -> tuple[TrainResult, nn.Module, Any]:
     """train_vision, also returning the trained model and processor (tests compare them
     with what mlx-vlm loads from the written adapter)."""
+    w = world()
+    problem = check_batch(cfg.batch_size, w)
+    if problem:
+        raise TrainError(problem)
     data, out, checkpoint, train_rows, valid_rows = _inputs(cfg, resume)
     card = loop.base_model(cfg.model)
     model, processor, pad_id, train_ds, valid_ds = _load_model(cfg, card.path, train_rows, valid_rows)
@@ -289,7 +304,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
 
     if checkpoint is not None and read_config(checkpoint) != json.loads(json.dumps(lora_config)):
         raise TrainError("--resume: lora_parameters / num_layers differ from the checkpoint's")
-    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint, {"trainer": "mlx-vlm"})
+    session = loop.begin(cfg, data, out, card.fingerprint, checkpoint, {"trainer": "mlx-vlm"}, w=w)
     if checkpoint is not None:
         loop.restore_adapter(model, checkpoint)
         loop.restore_optimizer(optimizer, checkpoint)
@@ -297,7 +312,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
                            "advisor": cfg.advisor, "trainer": "mlx-vlm"}
 
     mx.eval(model.parameters())
-    hooks = loop.Hooks(step=make_step(model, optimizer, train_ds, cfg, pad_id, session.start),
+    hooks = loop.Hooks(step=make_step(model, optimizer, train_ds, cfg, pad_id, session.start, w),
                        evaluate=lambda: evaluate(model, valid_ds, cfg, pad_id),
                        save_adapter=lambda folder, extra: save_vision_adapter(folder, model, info | extra))
     model.train()

@@ -18,6 +18,7 @@ from mondrian.core.db.connection import (
     add_missing_columns,
     as_connection,
     connect,
+    connect_union,
     has_table,
     open_db,
 )
@@ -43,7 +44,7 @@ from mondrian.core.db.service import (
 
 __all__ = [
     "JOB_COLUMNS", "PAYLOAD_MODES", "PINNED_ARM", "REQUEST_COLUMNS", "REQUEST_ERROR_SQL", "REQUEST_VIEWS",
-    "REQUIRED_COLUMNS", "VERDICTS", "DBError", "JobColumns", "add_missing_columns", "as_connection", "connect",
+    "REQUIRED_COLUMNS", "VERDICTS", "DBError", "JobColumns", "add_missing_columns", "as_connection", "connect", "connect_union",
     "count_jobs", "create_jobs_table", "create_link_cache_tables", "create_request_tables", "create_runs_tables",
     "has_table", "open_db", "read_jobs",
 ]

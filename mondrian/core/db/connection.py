@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,4 +83,35 @@ def add_missing_columns(conn: sqlite3.Connection, table: str,
 
 def has_table(conn: sqlite3.Connection, name: str) -> bool:
     """Whether the database has a table of this name (an older or foreign file may lack one)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ? UNION ALL "
+                        "SELECT 1 FROM sqlite_temp_master WHERE type IN ('table', 'view') AND name = ?",
+                        (name, name)).fetchone() is not None  # temp views: `connect_union`
+
+
+def connect_union(paths: Sequence[str | Path], tables: Sequence[str], distinct: Sequence[str] = ()) -> sqlite3.Connection:
+    """Several databases read as one (service replicas each write their own requests file):
+    each attached read-only, and per table in `tables` that any of them has, a TEMP view of
+    the same name over all their rows (UNION ALL, or UNION for `distinct` tables such as the
+    routing configs every replica records alike); a column an older file lacks reads NULL.
+    The same file twice is an error (its rows would count twice)."""
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+        raise DBError(f"{', '.join(twice)}: given more than once (its rows would count twice)")
+    conn = sqlite3.connect(":memory:", uri=True)
+    for i, path in enumerate(resolved):
+        connect(path, read_only=True).close()  # the same checks and errors as one file
+        conn.execute(f"ATTACH DATABASE ? AS db{i}", (f"{path.as_uri()}?mode=ro",))
+    for table in tables:
+        cols_per_db = []
+        for i in range(len(resolved)):
+            cols = [r[1] for r in conn.execute(f'PRAGMA db{i}.table_info("{table}")')]
+            cols_per_db.append(cols)
+        columns = list(dict.fromkeys(c for cols in cols_per_db for c in cols))
+        if not columns:
+            continue
+        selects = [f'SELECT {", ".join(c if c in cols else f"NULL AS {c}" for c in columns)} FROM db{i}."{table}"'
+                   for i, cols in enumerate(cols_per_db) if cols]
+        glue = " UNION " if table in distinct else " UNION ALL "
+        conn.execute(f'CREATE TEMP VIEW "{table}" AS {glue.join(selects)}')
+    return conn
