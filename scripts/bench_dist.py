@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 RECIPES = {  # per model: the LoRA layout and batch of its shipped or test recipe
     "tiny:llama": {"num_layers": 4, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0},
-                   "batch_size": 8, "learning_rate": 2e-3},
+                   "batch_size": 8, "learning_rate": 2e-3, "max_seq_length": 2048},
     "smollm2-135m": {"num_layers": 16, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
-                     "batch_size": 8, "learning_rate": 3e-4},
+                     "batch_size": 8, "learning_rate": 3e-4, "max_seq_length": 512},
 }
 
 
@@ -53,7 +53,7 @@ def train_once(model: str, data: Path, folder: Path, ranks: int, iters: int) -> 
     import yaml
 
     cfg = {"model": model, "advisor": "fit-query", "data": str(data), "adapter_path": str(folder / "run"),
-           "iters": iters, "mask_prompt": True, "max_seq_length": 512, "steps_per_report": iters,
+           "iters": iters, "mask_prompt": True, "steps_per_report": iters,
            "steps_per_eval": 10_000, "val_batches": 1, "save_every": 10_000, "seed": 0, **RECIPES[model]}
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -102,8 +102,8 @@ def trainable_params(model: str) -> int:
     from mondrian.train.text import prepare_model
 
     m, _ = load(resolve(model).path)
-    prepare_model(m, TrainConfig(model=model, data="", **{k: v for k, v in RECIPES[model].items()
-                                                          if k in ("num_layers", "lora_parameters")}))
+    prepare_model(m, TrainConfig(model=model, data="", num_layers=RECIPES[model]["num_layers"],
+                                 lora_parameters=RECIPES[model]["lora_parameters"]))
     return sum(v.size for _, v in tree_flatten(m.trainable_parameters()))
 
 
@@ -131,12 +131,17 @@ def main() -> None:
             ar = allreduce_ms(n)
             speedup = two["tokens_per_s"] / one["tokens_per_s"]
             step_s = two["train_seconds"] / args.iters
-            result["models"][model] = {"one_process": one, "two_ranks": two, "speedup": speedup,
+            result["models"][model] = {"when": result["when"], "one_process": one, "two_ranks": two, "speedup": speedup,
                                        "scaling_efficiency": speedup / 2, "trainable_params": n,
                                        "allreduce_ms_per_step": ar,
                                        "allreduce_share_of_step": ar / 1000 / step_s}
             print(json.dumps(result["models"][model], indent=1), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out)
+    if out.exists():  # models not run this time are kept, with the date they were measured
+        old = json.loads(out.read_text())
+        for model, entry in old.get("models", {}).items():
+            result["models"].setdefault(model, entry | {"when": entry.get("when", old["when"])})
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -489,6 +489,14 @@ def test_versions_a_plan_serves_are_never_evicted(tmp_path, registry, reference)
         assert server.stop() == 0
 
 
+def _ask_and_judge(server, i: int) -> None:
+    """Request i, and the verdict the rollout tests' users give: candidate accepted, control rejected."""
+    status, body = server.ask(QUESTIONS[i % len(QUESTIONS)], user=f"u{i}")
+    assert status == 200, body
+    verdict = "accepted" if body["arm"] == "candidate" else "rejected"
+    assert server.call("POST", f"/v1/requests/{body['request_id']}/feedback", {"verdict": verdict})[0] == 200
+
+
 def test_a_rollout_advances_and_promotes_by_itself(tmp_path, registry):
     """A routing file with a rollout policy, served by two service processes on one database
     and registry: the candidate starts at 10%, and as users accept its answers (and reject
@@ -508,11 +516,7 @@ def test_a_rollout_advances_and_promotes_by_itself(tmp_path, registry):
     try:
         events = []
         for i in range(600):
-            server = servers[i % 2]
-            status, body = server.ask(QUESTIONS[i % len(QUESTIONS)], user=f"u{i}")
-            assert status == 200, body
-            verdict = "accepted" if body["arm"] == "candidate" else "rejected"
-            assert server.call("POST", f"/v1/requests/{body['request_id']}/feedback", {"verdict": verdict})[0] == 200
+            _ask_and_judge(servers[i % 2], i)
             with sqlite3.connect(db) as conn:
                 events = conn.execute("SELECT action, share, decided_by FROM rollout_events ORDER BY seq").fetchall()
             if events[-1][0] == "promote":
@@ -528,3 +532,44 @@ def test_a_rollout_advances_and_promotes_by_itself(tmp_path, registry):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_replicas_with_their_own_logs_decide_a_rollout_once(tmp_path, registry):
+    """Two service replicas, each recording to its own requests file, one shared rollout
+    timeline (`--rollout-db`) and each judging on both logs (`--rollout-evidence`): the
+    rollout advances and promotes once per step, though each replica alone saw half the
+    traffic; `ab report` over both files counts every request once."""
+    import shutil
+
+    root = tmp_path / "adapters"
+    shutil.copytree(registry, root)
+    routing = tmp_path / "routing.yaml"
+    write_routing(routing, arms=[{"name": "control", "version": "production", "weight": 1},
+                                 {"name": "candidate", "version": "v2", "weight": 1}],
+                  rollout={"steps": [10, 50], "min_samples": 8, "check_every_s": 0.2})
+    dbs, shared = [tmp_path / "a.db", tmp_path / "b.db"], tmp_path / "rollouts.db"
+    servers = [start_server(tmp_path, "--routing", str(routing), "--root", str(root), "--db", str(db),
+                            "--rollout-db", str(shared), "--rollout-evidence", str(other))
+               for db, other in ((dbs[0], dbs[1]), (dbs[1], dbs[0]))]
+    sent = 0
+    try:
+        events = []
+        for i in range(600):
+            _ask_and_judge(servers[i % 2], i)
+            sent += 1
+            with sqlite3.connect(shared) as conn:
+                events = conn.execute("SELECT action, share FROM rollout_events ORDER BY seq").fetchall()
+            if events and events[-1][0] == "promote":
+                break
+        assert [e for e in events if e[0] != "hold"] == [("start", 10.0), ("advance", 50.0), ("promote", 100.0)]
+        for db in dbs:  # nothing was decided in a replica's own file
+            with sqlite3.connect(db) as conn:
+                assert conn.execute("SELECT count(*) FROM rollout_events").fetchone()[0] == 0
+        assert Registry(root).aliases(ADV)["production"] == "v2"
+    finally:
+        for server in servers:
+            server.stop()
+    from mondrian.ab.report import ab_report
+
+    arms = ab_report(dbs)["advisors"][ADV]["arms"]
+    assert sum(a["requests"] for a in arms.values()) == sent

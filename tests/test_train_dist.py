@@ -153,3 +153,19 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(data, tmp_path):
     assert proc.returncode != 0 or "Error" in proc.stderr
     assert "batch_size 3 does not divide by the world size 2" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_vision_trainer_runs_data_parallel_too(tmp_path):
+    """The mlx-vlm trainer under 2 ranks: the same adapter as one process (SGD, dropout 0)."""
+    data = pipeline_dataset(tmp_path / "ws", "photo-critic", n_fit=0, n_photo=60, image_size=64)
+    vision = {"model": "tiny:qwen2-vl", "advisor": "photo-critic", "num_layers": 2, "iters": 6,
+              "max_seq_length": 512, "steps_per_eval": 6, "save_every": 6,
+              "lora_parameters": {"rank": 8, "scale": 4.0, "dropout": 0.0}}
+    one = _config(tmp_path / "one", data, **vision)
+    assert train(load_config(one), progress=False).status == "completed"
+    proc = launch(_config(tmp_path / "two", data, **vision))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _result(proc)
+    assert res["status"] == "completed" and res["world_size"] == 2
+    gap = _close(_weights(tmp_path / "one" / "run" / "last"), _weights(tmp_path / "two" / "run" / "last"))
+    assert gap < 1e-3, gap

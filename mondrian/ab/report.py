@@ -78,7 +78,7 @@ METHODS = {"ci": "Newcombe hybrid score (method 10); unpooled Wald beside it",
 LOG_TABLES = ("requests", "feedback", "routing_configs", "rollout_events")
 
 
-def _open_log(db_path: str | Path | Sequence[str | Path]) -> sqlite3.Connection:
+def open_log(db_path: str | Path | Sequence[str | Path]) -> sqlite3.Connection:
     """A read-only connection to a database that has the `requests` table; given several
     (service replicas, each writing its own), one connection over all of them
     (`connect_union`), refused when a request id appears in more than one."""
@@ -272,7 +272,7 @@ def ab_report(db_path: str | Path | Sequence[str | Path], advisor: str | None = 
     (a ValueError) for a missing file or a missing `requests` table, ValueError for bad
     arguments (naming them)."""
     since_utc = normalize_since(since)
-    conn = _open_log(db_path)
+    conn = open_log(db_path)
     try:
         clauses, params = _where(advisor, since_utc)
         served = _grouped(conn, "arm", " AND ".join(["shadow_of IS NULL", *clauses]), params)

@@ -15,11 +15,12 @@ it decided; it is passed in as a function, so the service never imports the A/B 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mondrian.ab.outcomes import Guard, compare, guardrails, metric_values, read_units
-from mondrian.core.db import connect
+from mondrian.ab.report import open_log
 
 
 @dataclass
@@ -29,11 +30,12 @@ class Decision:
     evidence: dict = field(default_factory=dict)
 
 
-def judge(db_path: str | Path, advisor: str, control: str, candidate: str, since: str, policy: dict,
+def judge(db_path: str | Path | Sequence[str | Path], advisor: str, control: str, candidate: str, since: str, policy: dict,
           last_step: bool) -> Decision:
-    """Decide one rollout step from the rows received at or after `since` (ISO UTC).
+    """Decide one rollout step from the rows received at or after `since` (ISO UTC), in one
+    requests log or several (service replicas' logs, read as one).
     `policy`: min_samples, alpha, promote_when, guardrails (margins, p95_latency_ms)."""
-    conn = connect(db_path, read_only=True)
+    conn = open_log(db_path)
     try:
         units = read_units(conn, "r.advisor = ? AND r.received_at >= ? AND r.arm IN (?, ?)",
                            (advisor, since, control, candidate))

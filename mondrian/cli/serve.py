@@ -24,6 +24,17 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
     return card.name, card.path, card.fingerprint
 
 
+def replica_options(fn):
+    """--rollout-db and --rollout-evidence: service replicas that each write their own --db."""
+    fn = click.option("--rollout-evidence", multiple=True, type=click.Path(dir_okay=False),
+                      help="Another replica's requests database for the rollout judge to read with --db "
+                           "(repeat it; every replica's log, so each decision sees all the traffic).")(fn)
+    return click.option("--rollout-db", type=click.Path(dir_okay=False),
+                        help="Where rollout timelines live [--db]. Replicas that each write their own --db "
+                             "point this at one shared file: each decision is then taken once, under its "
+                             "write lock.")(fn)
+
+
 @click.command()
 @click.option("--advisor", "advisors", multiple=True,
               help="Serve this advisor (its production alias, or the base model when it has "
@@ -48,6 +59,7 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
 @click.option("--prefix-cache-mb", default=256.0, show_default=True, type=click.FloatRange(min=0),
               help="Memory for the KV state of prompt prefixes (system prompt, chat template), kept per "
                    "LoRA version and reused by later requests; 0 turns it off.")
+@replica_options
 @click.option("--max-versions", default=8, show_default=True, type=click.IntRange(min=1),
               help="LoRA versions loaded per base model. Versions a routing plan serves are never "
                    "evicted; a plan that needs more is refused (409).")
@@ -63,7 +75,8 @@ def _resolve_model(spec: str) -> tuple[str, str, str]:
               help="Folder for request images under --log-payloads full [request-images/ beside --db].")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
           db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
-          admin_token_file: str | None, max_batch: int, prefix_cache_mb: float, max_versions: int, ready_file: str | None,
+          admin_token_file: str | None, max_batch: int, prefix_cache_mb: float, rollout_db: str | None,
+          rollout_evidence: tuple[str, ...], max_versions: int, ready_file: str | None,
           unconstrained: bool, log_payloads: str, image_store: str | None) -> None:
     """Serve advisors over HTTP: hot-swapped LoRA versions, A/B arms, a requests log."""
     # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
@@ -78,7 +91,8 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
             raise click.ClickException(f"{admin_token_file}: the admin token file is empty")
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
                         advisors=list(advisors), model=model_spec, admin_token=admin_token,
-                        max_batch=max_batch, prefix_cache_mb=prefix_cache_mb, max_versions=max_versions, constrained=not unconstrained,
+                        max_batch=max_batch, prefix_cache_mb=prefix_cache_mb, max_versions=max_versions,
+                        rollout_db=rollout_db, rollout_evidence=list(rollout_evidence), constrained=not unconstrained,
                         log_payloads=log_payloads, image_store=image_store)
     service = Service(cfg, _resolve_model, load_advisors(), judge=judge)
     try:

@@ -25,6 +25,8 @@ class ServiceConfig:
     max_versions: int = 8  # LoRA versions loaded per base model; what a plan serves is never evicted
     prefix_cache_mb: float = 256  # KV state of prompt prefixes kept per base model (0: none)
     poll_s: float = 0.5
+    rollout_db: str | Path | None = None  # rollout timelines (shared by replicas); None = db_path
+    rollout_evidence: list = field(default_factory=list)  # other replicas' requests logs the judge reads
     constrained: bool = True  # text advisors decode under their contract's grammar
     log_payloads: str = "full"  # what a requests row keeps of input and answer: full | hash | off
     image_store: str | Path | None = None  # request images (full); None = request-images/ beside the db

@@ -59,7 +59,9 @@ class ControlPlane:
     def __init__(self, cfg: ServiceConfig, resolve_model: ModelResolver, advisors: dict[str, Advisor],
                  judge: Judge | None = None):
         self.cfg, self.resolve_model, self.contracts = cfg, resolve_model, advisors
-        self.rollouts = Rollouts(cfg.db_path, judge) if judge is not None and cfg.db_path else None
+        evidence = list(dict.fromkeys(str(p) for p in [cfg.db_path, *cfg.rollout_evidence] if p))
+        self.rollouts = (Rollouts(cfg.rollout_db or cfg.db_path, judge, evidence)
+                         if judge is not None and cfg.db_path else None)
         self.registry = Registry(cfg.registry_root)
         self.workers: dict[str, ModelWorker] = {}  # by base-model fingerprint
         self._spec_workers: dict[str, ModelWorker] = {}

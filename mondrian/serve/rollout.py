@@ -12,7 +12,9 @@ changes).
 
 Exactly one decision per step, with several processes: a decision is written as the next
 `seq` inside one write transaction that first checks the timeline has not moved; a process
-that finds it moved takes the state it finds. A promotion moves the alias inside that same
+that finds it moved takes the state it finds. Service replicas that each write their own
+requests log share one timeline file (`mondrian serve --rollout-db`, SQLite's write lock is
+the lock) and judge on all their logs together (`--rollout-evidence`). A promotion moves the alias inside that same
 transaction, so a failed move records nothing.
 """
 
@@ -65,8 +67,12 @@ def _share(r: Rollout, status: str, step: int) -> float:
 class Rollouts:
     """Reads and advances rollout timelines in the service's database."""
 
-    def __init__(self, db_path: str | Path, judge: Judge):
+    def __init__(self, db_path: str | Path, judge: Judge, evidence: list[str | Path] | None = None):
+        """`db_path`: where the timeline lives (shared by every replica that serves the route:
+        its write transaction is what makes a decision happen once); `evidence`: the requests
+        logs the judge reads (every replica's; default: `db_path`)."""
         self.db_path, self.judge = db_path, judge
+        self.evidence = evidence or [db_path]
         create_request_tables(db_path)
         self.me = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -102,7 +108,7 @@ class Rollouts:
         if st.status != "running":
             return st
         last = st.step == len(r.steps) - 1
-        d = self.judge(self.db_path, advisor, r.control, r.candidate, st.step_started_at, r.policy(), last)
+        d = self.judge(self.evidence[0] if len(self.evidence) == 1 else self.evidence, advisor, r.control, r.candidate, st.step_started_at, r.policy(), last)
         if d.action == "hold" and st.action == "hold" and d.reason == st.reason:
             return st  # nothing new to say
         now = now_iso()

@@ -254,7 +254,7 @@ class VisionWorker(ModelThread):
         if last is None:  # stream_generate always yields at least once; be safe
             return VisionGeneration(text, 0, latency, "length"), 0
         ids = tuple(int(t) for t in (last.token_ids or ()))
-        return VisionGeneration(text, int(last.generation_tokens), latency, last.finish_reason, ids), \
+        return VisionGeneration(text, int(last.generation_tokens), latency, last.finish_reason, token_ids=ids), \
             int(last.prompt_tokens)
 
     # ---- LoRA layers and versions (worker thread only)
