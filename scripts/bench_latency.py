@@ -18,11 +18,13 @@ Parts (`--parts`, all by default):
 3. throughput: `bench_service.bench_throughput` (two arms v1:v2 through a `mondrian serve`
    subprocess, 16 concurrent clients, vs in-process `mlx_lm.batch_generate` at the same batch),
    free decoding on both sides (target >= 1.2x).
-4. quant: prefill and decode-step times of the base in float32, 8-bit and 4-bit (mlx-lm's
+4. crossover: one row's gathered projection (argmax over k allowed tokens' rows of the output
+   matrix) against the full masked projection, by k: where `DecodeOptions.gather_max` sits.
+5. quant: prefill and decode-step times of the base in float32, 8-bit and 4-bit (mlx-lm's
    `nn.quantize`, group 64) on this machine, and exact match of the adapter's constrained
    answers on `--quant-rows` test-split rows with each base.
 
-    python scripts/bench_latency.py [--questions 100] [--parts latency,ablation,throughput,quant]
+    python scripts/bench_latency.py [--questions 100] [--parts latency,ablation,throughput,crossover,quant]
 
 Questions: the hand-written set (tests/data/fit_query_handwritten.jsonl) first, then the
 demo test split, up to --questions. Adapter: --adapter, else the fit-query registry's
@@ -53,7 +55,7 @@ from bench_service import ADV, Server, bench_throughput, machine, make_registry 
 from mondrian.core.contracts import get_advisor  # noqa: E402
 from mondrian.core.retrieval import RetrievalIndex, prompt_messages  # noqa: E402
 
-PARTS = ("latency", "ablation", "throughput", "quant")
+PARTS = ("latency", "ablation", "throughput", "crossover", "quant")
 TARGETS = {"p50_ratio_max": 0.25, "throughput_ratio_min": 1.2, "absolute_p50_ms_goal": 200}
 
 
@@ -226,6 +228,42 @@ def bench_ablation(loaded, prompts: list[list[int]], max_tokens: int) -> dict:
                                        for k, v in texts.items()}}
 
 
+def bench_crossover(card) -> dict:
+    """The gathered projection's cost against the full one, for one row's last hidden state,
+    by the number of allowed tokens: where gathering stops paying (DecodeOptions.gather_max)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    from mondrian.models import upstream
+    from mondrian.models.decode import gathered_argmax
+
+    model, _ = load(str(card.path))
+    _, head, weight = upstream.split_head(model)
+    h = mx.random.normal((weight.shape[1],))
+    vocab = weight.shape[0]
+    rng = np.random.default_rng(0)
+
+    def median_ms(fn, n=30):
+        mx.eval(fn())
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times.append((time.perf_counter() - t) * 1000)
+        return statistics.median(times)
+
+    mask = np.ones(vocab, dtype=bool)
+    full = median_ms(lambda: mx.argmax(mx.where(mx.array(mask), head(h[None])[0], -mx.inf)))
+    out = {"full_ms": full, "vocab": vocab, "gathered_ms": {}}
+    for k in (16, 256, 1024, 4096, 8192, 16384, 32768):
+        allowed = np.zeros(vocab, dtype=bool)
+        allowed[rng.choice(vocab, k, replace=False)] = True
+        out["gathered_ms"][k] = median_ms(lambda a=allowed: gathered_argmax(h, weight, a)[1])
+    out["crossover_tokens"] = max((k for k, ms in out["gathered_ms"].items() if ms < full), default=0)
+    return out
+
+
 def bench_quant(card, adapter: Path, dataset: Path, rows: int, max_tokens: int, index) -> dict:
     """Per base precision: a prompt's prefill and a 1-token decode step on their own, and the
     advisor's single-request latency and exact match (constrained, every speed-up on) on the
@@ -334,6 +372,9 @@ def main() -> None:
                                                     questions[:args.throughput_prompts], max_tokens=32,
                                                     max_batch=16, concurrency=16, rounds=2, diagnostics=False)
             result["throughput"]["adapters"] = info
+        if "crossover" in parts:
+            print("crossover: gathered vs full projection", flush=True)
+            result["crossover"] = bench_crossover(card)
         if "quant" in parts:
             print("quant: float32 vs 8-bit vs 4-bit base", flush=True)
             result["quant"] = bench_quant(card, adapter, dataset, args.quant_rows, args.max_tokens, index)

@@ -13,9 +13,9 @@ A `Decoder` holds the running rows and one batch KV cache (mlx-lm's `BatchKVCach
    lengths go in one call, right-padded, and the padding becomes masked left padding after
    it. Answers equal token-by-token constrained decoding; only the number of model calls
    changes;
-3. projects only each row's last position onto the vocabulary, and for a row whose grammar
-   allows few tokens (`gather_max`) only onto those tokens' rows of the output matrix: a
-   masked argmax over a gathered matrix is the argmax over the full masked logits. The
+3. projects only each row's last position onto the vocabulary, and when the call's grammars
+   allow few tokens (`gather_max` together) only onto those tokens' rows of the output
+   matrix: a masked argmax over a gathered matrix is the argmax over the full masked logits. The
    grammar masks are computed while the model call runs (`mx.async_eval`), off the critical
    path.
 
@@ -72,7 +72,10 @@ class DecodeOptions:
     """The decoder's speed-ups, each one switchable (tests and benchmarks compare on/off)."""
 
     fast_forward: bool = True  # append grammar-forced tokens without a model call of their own
-    gather_max: int = 4096  # project onto the allowed rows only when a row allows <= this many (0: never)
+    # project onto the allowed tokens' rows only when a call's rows allow <= this many together
+    # (0: never); 8,192: where one gathered row stops being cheaper than the full projection
+    # on SmolLM2 here (scripts/bench_latency.py --parts crossover)
+    gather_max: int = 8192
     overlap: bool = True  # compute grammar masks while the model call runs
 
 
@@ -312,11 +315,13 @@ class Decoder:
         picks: list = [None] * len(rows)
         full = []
         gather_max = self.options.gather_max if self._weight is not None else 0
-        for i, mask in enumerate(masks):
-            if mask is not None and gather_max and mask.sum() <= gather_max:
-                picks[i] = gathered_argmax(last[i], self._weight, mask)
-            else:
-                full.append(i)
+        # One full projection serves every row of the call for about the price of one (it reads
+        # the whole matrix once), so rows are gathered only when all of them are and the rows
+        # they read together stay under the measured crossover.
+        if gather_max and all(m is not None for m in masks) and sum(int(m.sum()) for m in masks) <= gather_max:
+            picks = [gathered_argmax(last[i], self._weight, m) for i, m in enumerate(masks)]
+        else:
+            full = list(range(len(rows)))
         if full:
             sel = mx.array(full)
             logits = self._head(last[sel]) if self._body is not None else last[sel]
