@@ -14,8 +14,8 @@ Exactly one decision per step, with several processes: a decision is written as 
 `seq` inside one write transaction that first checks the timeline has not moved; a process
 that finds it moved takes the state it finds. Service replicas that each write their own
 requests log share one timeline file (`mondrian serve --rollout-db`, SQLite's write lock is
-the lock) and judge on all their logs together (`--rollout-evidence`). A promotion moves the alias inside that same
-transaction, so a failed move records nothing.
+the lock) and judge on all their logs together (`--rollout-evidence`). A promotion moves the
+alias inside that same transaction, so a failed move records nothing.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class Rollouts:
         if st.status != "running":
             return st
         last = st.step == len(r.steps) - 1
-        d = self.judge(self.evidence[0] if len(self.evidence) == 1 else self.evidence, advisor, r.control, r.candidate, st.step_started_at, r.policy(), last)
+        evidence = self.evidence[0] if len(self.evidence) == 1 else self.evidence
+        d = self.judge(evidence, advisor, r.control, r.candidate, st.step_started_at, r.policy(), last)
         if d.action == "hold" and st.action == "hold" and d.reason == st.reason:
             return st  # nothing new to say
         now = now_iso()
