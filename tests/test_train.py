@@ -254,3 +254,21 @@ def test_sigterm_validates_the_step_it_stops_at(fit_data, tmp_path):
     assert [s for s, _ in vals] == [0, result["steps"]]
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
     assert best["step"] == (result["steps"] if vals[1][1] < vals[0][1] else 0)
+
+
+def test_init_adapter_starts_a_new_run_from_an_adapters_weights(fit_data, tmp_path):
+    """`init_adapter`: the new run's step-0 validation loss is the given adapter's own (the
+    weights were loaded, not a fresh LoRA init), and an adapter of another layout is refused."""
+    _, data = fit_data
+    kw = {"iters": 4, "steps_per_eval": 4, "save_every": 4,
+          "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    first = train(load_config(_config(tmp_path / "a", data, **kw)), progress=False)
+    adapter = tmp_path / "a" / "run"  # the best adapter by validation loss
+    second = train(load_config(_config(tmp_path / "b", data, init_adapter=str(adapter), **kw)), progress=False)
+    assert second.first_val_loss == pytest.approx(first.best_val_loss, rel=1e-5)
+    assert abs(second.first_val_loss - first.first_val_loss) > 1e-3  # not where a fresh run starts
+    other = kw | {"lora_parameters": {"rank": 8, "scale": 10.0, "dropout": 0.0}}
+    with pytest.raises(TrainError, match=r"init_adapter .*rank 4 \(config: 8\)"):
+        train(load_config(_config(tmp_path / "c", data, init_adapter=str(adapter), **other)), progress=False)
+    with pytest.raises(TrainError, match="no adapters.safetensors"):
+        train(load_config(_config(tmp_path / "d", data, init_adapter=str(tmp_path), **kw)), progress=False)

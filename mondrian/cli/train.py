@@ -23,12 +23,15 @@ from mondrian.train.run import train
               help="Continue the run in adapter_path from its last checkpoint.")
 @click.option("--iters", type=click.IntRange(1), help="Override iters.")
 @click.option("--adapter-path", help="Override adapter_path.")
+@click.option("--init-adapter", type=click.Path(file_okay=False, exists=True),
+              help="Start a new run from this adapter folder's LoRA weights (e.g. a registry "
+                   "version: retrain production on new data); its layout must be the config's.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train_cmd(config_path: str, resume: bool, iters: int | None, adapter_path: str | None,
+def train_cmd(config_path: str, resume: bool, iters: int | None, adapter_path: str | None, init_adapter: str | None,
               no_progress: bool, as_json: bool) -> None:
     """Train a LoRA adapter (text advisors via mlx-lm, vision advisors via mlx-vlm)."""
-    overrides = {k: v for k, v in (("iters", iters), ("adapter_path", adapter_path))
+    overrides = {k: v for k, v in (("iters", iters), ("adapter_path", adapter_path), ("init_adapter", init_adapter))
                  if v is not None}
     try:
         cfg = load_config(config_path, overrides)

@@ -103,7 +103,7 @@ def _data(opts: DemoOptions, steps: _Steps, card: ModelCard) -> Path:
 
 
 def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Path,
-           run_dir: Path) -> TrainResult:
+           run_dir: Path, init_adapter: Path | None = None) -> TrainResult:
     from mlx_lm.utils import load_config as model_config  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; only a demo run needs it
 
     steps.head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} "
@@ -113,7 +113,8 @@ def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Pa
                                "data": str(data), "adapter_path": str(run_dir),
                                "db": str(db), "iters": opts.iters, "steps_per_eval": opts.iters,
                                "save_every": opts.iters, "val_batches": 2,
-                               "max_seq_length": opts.max_seq_length})
+                               "max_seq_length": opts.max_seq_length,
+                               "init_adapter": str(init_adapter) if init_adapter else None})
     result = train(cfg, progress=True)
     steps.say(f"      run {result.run_id}: {result.status}, validation loss "
               f"{result.first_val_loss:.3f} -> {result.best_val_loss:.3f} ({result.seconds:.0f} s)")
@@ -234,7 +235,10 @@ def _second_round(opts: DemoOptions, steps: _Steps, card: ModelCard, db: Path, p
                            tokenizer_path=card.path, max_seq_length=opts.max_seq_length)
     steps.say(f"      train {report.counts['train']}, valid {report.counts['valid']}, test {report.counts['test']}")
     run_dir = root / "runs" / f"demo-round2-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = _train(replace(opts, iters=opts.round2_iters), steps, card, data, db, run_dir)
+    # the retrain continues from production's weights: a few steps on the harvested corrections
+    # refine what round 1 learned instead of starting over
+    result = _train(replace(opts, iters=opts.round2_iters), steps, card, data, db, run_dir,
+                    init_adapter=production.path)
     reg = Registry(opts.registry)
     reg.set_alias(ADVISOR, "production", production.version)  # round 1's candidate is production now
     store = RunStore(db)

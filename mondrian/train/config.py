@@ -60,6 +60,9 @@ class TrainConfig:
     # kind of row (long place lists, short FiT ids, ...), and at LoRA learning rates that made
     # answers loop (README, Training: bench_quality's ablations).
     bucket_batches: int = 1
+    # An adapter folder whose LoRA weights a new run starts from (e.g. the production version's,
+    # to retrain on new data); its layout must be this config's. The optimizer starts fresh.
+    init_adapter: str | None = None
 
     def check(self) -> None:
         if self.fine_tune_type != "lora":
@@ -68,7 +71,8 @@ class TrainConfig:
             raise ConfigError("hf_dataset: datasets come from local folders (mondrian dataset)")
         if self.resume_adapter_file:
             raise ConfigError("resume_adapter_file: use `mondrian train --resume`, which restores "
-                              "the optimizer state and data position too")
+                              "the optimizer state and data position too, or init_adapter to start "
+                              "a new run from an adapter's weights")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"optimizer '{self.optimizer}' must be adam, adamw or sgd")
         if self.num_layers != -1 and (not isinstance(self.num_layers, int) or self.num_layers < 1):

@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from mondrian.core.adapters import AdapterError, load_trainable
+from mondrian.core.adapters import AdapterError, load_trainable, read_config
 from mondrian.core.atomic import atomic_folder
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
@@ -176,6 +176,28 @@ def restore_adapter(model, checkpoint: Path) -> None:
         load_trainable(model, checkpoint)
     except AdapterError as exc:
         raise TrainError(str(exc)) from None
+
+
+def start_weights(model, cfg, checkpoint: Path | None) -> None:
+    """A new run with `init_adapter` starts from that adapter's LoRA weights (names and shapes
+    checked against the config's layout); a resumed run takes its checkpoint's instead."""
+    if checkpoint is not None:
+        restore_adapter(model, checkpoint)
+    elif cfg.init_adapter:
+        folder = Path(cfg.init_adapter)
+        if not (folder / "adapters.safetensors").is_file():
+            raise TrainError(f"init_adapter {folder}: no adapters.safetensors there")
+        try:
+            theirs = read_config(folder)
+        except (AdapterError, OSError) as exc:
+            raise TrainError(f"init_adapter {folder}: {exc}") from None
+        mine = {"num_layers": cfg.num_layers, **{k: cfg.lora_parameters.get(k) for k in ("rank", "scale", "keys")}}
+        got = {"num_layers": theirs.get("num_layers"),
+               **{k: (theirs.get("lora_parameters") or {}).get(k) for k in ("rank", "scale", "keys")}}
+        differ = [f"{k} {got[k]!r} (config: {mine[k]!r})" for k in mine if got[k] != mine[k]]
+        if differ:
+            raise TrainError(f"init_adapter {folder}: its LoRA layout is not this config's: {', '.join(differ)}")
+        restore_adapter(model, folder)
 
 
 def restore_optimizer(optimizer, checkpoint: Path) -> None:

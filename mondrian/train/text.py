@@ -338,8 +338,8 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     loss_fn = make_loss(model, cfg.answer_only_logits)
 
     session = loop.begin(cfg, data, out, card.fingerprint, checkpoint, w=w)
+    loop.start_weights(model, cfg, checkpoint)
     if checkpoint is not None:
-        loop.restore_adapter(model, checkpoint)
         loop.restore_optimizer(optimizer, checkpoint)
     mx.eval(model.parameters())
     hooks = Hooks(step=make_step(model, optimizer, loss_fn, train_split, cfg, w),

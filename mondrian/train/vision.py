@@ -305,8 +305,8 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
     if checkpoint is not None and read_config(checkpoint) != json.loads(json.dumps(lora_config)):
         raise TrainError("--resume: lora_parameters / num_layers differ from the checkpoint's")
     session = loop.begin(cfg, data, out, card.fingerprint, checkpoint, {"trainer": "mlx-vlm"}, w=w)
+    loop.start_weights(model, cfg, checkpoint)
     if checkpoint is not None:
-        loop.restore_adapter(model, checkpoint)
         loop.restore_optimizer(optimizer, checkpoint)
     info = session.meta | {"base_model": cfg.model, "base_model_path": card.path,
                            "advisor": cfg.advisor, "trainer": "mlx-vlm"}
