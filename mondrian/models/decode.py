@@ -310,8 +310,9 @@ class Decoder:
         return int(self.model.args.vocab_size)
 
     def _choose(self, rows: list[_Row], last: mx.array, masks: list[np.ndarray | None]) -> list[int]:
-        """Each row's greedy token from its last position: a gathered projection for rows
-        allowing few tokens, the full one (masked where guided) for the rest; one eval."""
+        """Each row's greedy token from its last position: gathered projections when every row
+        is guided and they allow few tokens together, else one full projection (masked where
+        guided); one eval."""
         picks: list = [None] * len(rows)
         full = []
         gather_max = self.options.gather_max if self._weight is not None else 0
