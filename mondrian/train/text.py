@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mondrian.core.adapters import AdapterError, lora_targets, transformer_blocks, write_adapter
 from mondrian.core.jsonl import read_jsonl
+from mondrian.models import upstream
 from mondrian.train import loop
 from mondrian.train.config import TrainConfig, make_optimizer
 from mondrian.train.distributed import World, check_batch, fault_injection, world
@@ -113,25 +114,17 @@ def make_batch(split: Split, idx: list[int], max_seq_length: int) -> tuple[mx.ar
 # loss
 
 
-def _output_head(model):
-    """The vocabulary projection of mlx-lm llama-family models, or None if unknown."""
-    inner = getattr(model, "model", None)
-    args = getattr(model, "args", None)
-    if inner is None or args is None or not hasattr(inner, "embed_tokens"):
-        return None
-    if getattr(args, "tie_word_embeddings", False):
-        return inner.embed_tokens.as_linear
-    return getattr(model, "lm_head", None)
-
-
 def make_loss(model, answer_only: bool):
     """Masked mean cross-entropy over (offset, length], as mlx-lm's default_loss.
 
     With answer_only, hidden states are gathered at the positions that carry loss before
     the vocabulary projection: with a masked prompt most positions carry none, and the
-    projection (49,152 x 576 on SmolLM2) is a fifth of the forward pass.
+    projection (49,152 x 576 on SmolLM2) is a fifth of the forward pass. The body / head
+    split is the decoder's (`upstream.split_head`): models not known to be built that way
+    take the full loss.
     """
-    head = _output_head(model) if answer_only else None
+    split = upstream.split_head(model) if answer_only else None
+    head = split[1] if split else None
 
     def full(model, batch, lengths, positions=None, valid=None):
         inputs, targets = batch[:, :-1], batch[:, 1:]
