@@ -344,21 +344,19 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if parts & {"latency", "ablation"}:  # one in-process load and the service's prompts, for both
+            loaded = in_process(card, adapter)
+            prompts = [chat_prompt(loaded[1], prompt_messages(get_advisor(ADV), q, index)[0]) for q in questions]
         if "latency" in parts:
             print("latency: mlx_lm.server vs mondrian serve, one request at a time", flush=True)
             lat = bench_latency(card, adapter, registry, tmp, questions, index, args.max_tokens)
-            loaded = in_process(card, adapter)
-            prompts = [chat_prompt(loaded[1], prompt_messages(get_advisor(ADV), q, index)[0]) for q in questions]
             ref = plain_answers(loaded, prompts, args.max_tokens)
             lat["answers_equal_to_token_by_token"] = sum(
                 r["ours_text"] == t for r, t in zip(lat["rows"], ref, strict=True)) / len(ref)
             result["latency"] = lat
         if "ablation" in parts:
             print("ablation: in-process, one request at a time", flush=True)
-            loaded = in_process(card, adapter)
-            prompts = [chat_prompt(loaded[1], prompt_messages(get_advisor(ADV), q, index)[0])
-                       for q in questions[:args.ablation_questions]]
-            result["ablation"] = bench_ablation(loaded, prompts, args.max_tokens)
+            result["ablation"] = bench_ablation(loaded, prompts[:args.ablation_questions], args.max_tokens)
         if "throughput" in parts:
             print("throughput: two arms through mondrian serve vs batch_generate", flush=True)
             # the adapter's weights without its retrieval index: batch_generate gets the plain
