@@ -158,7 +158,7 @@ class ModelWorker(ModelThread):
                  max_versions: int = 8, prefix_cache_mb: float = 256, options: DecodeOptions | None = None):
         self.name, self.path, self.fingerprint = name, Path(path), fingerprint
         self.max_batch, self.max_versions = max_batch, max_versions
-        # prompt prefixes' KV state per (version, slot); a version loaded again or unloaded drops its own
+        # prompt prefixes' KV state per version; a version loaded again or unloaded drops its own
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb > 0 else None
         self.options = options or DecodeOptions()
         self.versions: dict[tuple[str, str], LoadedVersion] = {}

@@ -31,7 +31,7 @@ from mondrian.core.atomic import atomic_folder
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
 from mondrian.models.sources import ModelCard, ModelError, resolve
-from mondrian.train.distributed import ALONE, PeerLost, World
+from mondrian.train.distributed import ALONE, PeerLost, World, check_batch, world
 from mondrian.train.plots import loss_curve_svg
 from mondrian.train.runs import RunStore
 
@@ -127,6 +127,16 @@ def check_output(out: Path, resume: bool) -> Path | None:
         raise TrainError(f"{out} already holds a run's checkpoints: use --resume to continue it, "
                          "or pick another adapter_path")
     return last
+
+
+def join_world(batch_size: int) -> World:
+    """This process's world (mlx.launch's ranks, or one), refused before any work when the
+    global batch does not split over it."""
+    w = world()
+    problem = check_batch(batch_size, w)
+    if problem:
+        raise TrainError(problem)
+    return w
 
 
 def begin(cfg, data: Path, out: Path, base_fingerprint: str, checkpoint: Path | None,

@@ -34,7 +34,7 @@ from mondrian.core.jsonl import read_jsonl
 from mondrian.models import upstream
 from mondrian.train import loop
 from mondrian.train.config import TrainConfig, make_optimizer
-from mondrian.train.distributed import World, check_batch, fault_injection, world
+from mondrian.train.distributed import World, fault_injection
 from mondrian.train.loop import Hooks, TrainError, TrainResult
 
 # --------------------------------------------------------------------------------------------
@@ -317,10 +317,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     checkpoint = loop.check_output(out, resume)
     card = loop.base_model(cfg.model)
 
-    w = world()
-    problem = check_batch(cfg.batch_size, w)
-    if problem:
-        raise TrainError(problem)
+    w = loop.join_world(cfg.batch_size)
     mx.random.seed(cfg.seed)
     model, tokenizer = load(card.path)
     train_split = load_split(data, "train", tokenizer, cfg.mask_prompt)

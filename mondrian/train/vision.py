@@ -44,7 +44,7 @@ from mondrian.core.jsonl import read_jsonl
 from mondrian.models.upstream import image_token_id
 from mondrian.train import loop
 from mondrian.train.config import TrainConfig, make_optimizer
-from mondrian.train.distributed import ALONE, World, check_batch, fault_injection, world
+from mondrian.train.distributed import ALONE, World, fault_injection
 from mondrian.train.loop import TrainError, TrainResult
 
 ADAPTER_INFO = "mondrian_adapter.json"  # our provenance, beside (mlx-vlm ignores it)
@@ -288,10 +288,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool,
          stop_after: int | None) -> tuple[TrainResult, nn.Module, Any]:
     """train_vision, also returning the trained model and processor (tests compare them
     with what mlx-vlm loads from the written adapter)."""
-    w = world()
-    problem = check_batch(cfg.batch_size, w)
-    if problem:
-        raise TrainError(problem)
+    w = loop.join_world(cfg.batch_size)
     data, out, checkpoint, train_rows, valid_rows = _inputs(cfg, resume)
     card = loop.base_model(cfg.model)
     model, processor, pad_id, train_ds, valid_ds = _load_model(cfg, card.path, train_rows, valid_rows)
