@@ -45,6 +45,7 @@ def main() -> None:
 
     from mondrian.models.sources import resolve
     from mondrian.train.config import TrainConfig, make_optimizer
+    from mondrian.train.distributed import world
     from mondrian.train.text import (
         batch_plan,
         load_split,
@@ -71,7 +72,8 @@ def main() -> None:
     init = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
     mx.eval([v for _, v in init])
 
-    step = make_step(model, make_optimizer(cfg), make_loss(model, cfg.answer_only_logits), split, cfg)
+    step = make_step(model, make_optimizer(cfg), make_loss(model, cfg.answer_only_logits), split, cfg,
+                     world())
     model.train()
     t0 = time.perf_counter()
     ours_losses = [step(n)[0] for n in range(1, cfg.iters + 1)]

@@ -12,7 +12,9 @@ from mondrian.core.config import ConfigError
 from mondrian.core.contracts import Retrieval, get_advisor, load_advisor
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import (
+    COVER,
     INDEX_FILE,
+    NEAREST,
     Example,
     RetrievalError,
     RetrievalIndex,
@@ -58,6 +60,39 @@ def test_nearest_never_returns_an_excluded_group():
     got = index.nearest("wind sites in kent", exclude_groups={own})
     assert len(got) == 3 and all(e.group != own for e in got)
     assert index.nearest("wind sites in kent")[0].group == own  # without the exclusion it comes first
+
+
+def test_cover_shows_each_part_of_the_question_where_nearest_shows_one_part_four_times():
+    # near-copies of "wind sites in kent" outrank the one example that knows yorkshire's areas
+    rows = [("wind sites in kent", "Wind", "kent"), ("wind farms in kent", "Wind", "kent"),
+            ("wind sites in kent please", "Wind", "kent"), ("list wind sites in kent", "Wind", "kent"),
+            ("solar panels in cornwall", "Photovoltaic", "cornwall"), ("solar in berkshire", "Photovoltaic", "berkshire"),
+            ("hydro schemes across yorkshire", "Hydro", "yorkshire"), ("wind in cornwall", "Wind", "cornwall")]
+    examples = [_example(q, {"query_type": "search", "technology": t, "postcode_patterns": PLACES[p]})
+                for q, t, p in rows]
+    question = "wind sites in yorks"
+    nearest = RetrievalIndex(examples, 2, NEAREST).nearest(question)
+    cover = RetrievalIndex(examples, 2, COVER).nearest(question)
+    assert RetrievalIndex(examples, 2).method == COVER  # the default
+    assert all("kent" in e.input for e in nearest), [e.input for e in nearest]
+    assert [e.input for e in cover] == ["wind sites in kent", "hydro schemes across yorkshire"]  # most similar first
+    assert json.loads(cover[1].answer)["postcode_patterns"] == PLACES["yorkshire"]
+    # the excluded group is never a candidate for coverage either
+    assert "hydro schemes across yorkshire" not in [
+        e.input for e in RetrievalIndex(examples, 2, COVER).nearest(question, exclude_groups={examples[6].group})]
+
+
+def test_an_index_keeps_the_method_it_was_written_with(tmp_path):
+    """A version trained on k-nearest prompts is served with k-nearest prompts."""
+    old = RetrievalIndex(_index().examples, 2, NEAREST)
+    old.save(tmp_path / INDEX_FILE)
+    again = RetrievalIndex.load(tmp_path / INDEX_FILE)
+    assert again.method == NEAREST and again.fingerprint == old.fingerprint
+    data = json.loads((tmp_path / INDEX_FILE).read_text())
+    data["method"] = "bm25"
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    with pytest.raises(RetrievalError, match=r"other.json: retrieval method 'bm25' is not known"):
+        RetrievalIndex.load(tmp_path / "other.json")
 
 
 def test_index_file_round_trip_fingerprint_and_errors(tmp_path):

@@ -272,3 +272,109 @@ def test_init_adapter_starts_a_new_run_from_an_adapters_weights(fit_data, tmp_pa
         train(load_config(_config(tmp_path / "c", data, init_adapter=str(adapter), **other)), progress=False)
     with pytest.raises(TrainError, match="no adapters.safetensors"):
         train(load_config(_config(tmp_path / "d", data, init_adapter=str(tmp_path), **kw)), progress=False)
+
+
+def _chat_rows(n: int, shots: int) -> list[dict]:
+    """Chat rows as retrieval builds them: a system prompt, `shots` solved examples, the question."""
+    rows = []
+    for i in range(n):
+        turns = [{"role": "system", "content": "Answer in JSON."}]
+        for j in range(shots + 1):
+            turns += [{"role": "user", "content": f"wind sites in kent over {10 * i + j} kw"},
+                      {"role": "assistant", "content": json.dumps({"capacity_min_kw": 10 * i + j})}]
+        rows.append({"messages": turns})
+    return rows
+
+
+def test_answer_turns_all_puts_loss_on_every_answer_and_validates_on_the_last(tmp_path):
+    """answer_turns: all trains each solved example of a retrieval row as well as its answer:
+    the spans are exactly the assistant turns (decoded back), the gathered loss equals the plain
+    masked cross-entropy over the same positions, and validation scores the last answer only."""
+    import mlx.nn as nn
+    import numpy as np
+    from mlx_lm import load
+
+    from mondrian.train.config import TrainConfig
+    from mondrian.train.text import load_split, loss_positions, make_batch, make_loss
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, n in (("train", 8), ("valid", 8)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(n, shots=2)))
+    model, tok = load(_tiny_path())
+    last = load_split(data, "train", tok, mask_prompt=True)
+    every = load_split(data, "train", tok, mask_prompt=True, all_turns=True)
+    assert last.earlier is None and last.tokens == every.tokens and last.offsets == every.offsets
+    row = _chat_rows(8, shots=2)[3]["messages"]
+    spans = every.earlier[3]
+    assert len(spans) == 2  # the two solved examples; the last answer is the offset's
+    for (s, e), answer in zip(spans, (row[2]["content"], row[4]["content"]), strict=True):
+        assert tok.decode(every.tokens[3][s:e]).startswith(answer)  # the answer, then the end-of-turn
+        assert answer not in tok.decode(every.tokens[3][:s])[-len(answer):]
+
+    idx = list(range(4))
+    batch, lengths = make_batch(every, idx, 1024)
+    pos_last, valid_last = loss_positions(np.array(lengths), batch.shape[1])
+    pos_all, valid_all = loss_positions(np.array(lengths), batch.shape[1], [every.earlier[i] for i in idx])
+    answer_tokens = sum(e - s for i in idx for s, e in every.earlier[i])
+    assert valid_all.sum().item() == valid_last.sum().item() + answer_tokens
+    # by hand: cross-entropy of every target position inside an answer, averaged
+    logits = model(batch[:, :-1])
+    hand = []
+    for r in idx:
+        toks = every.tokens[r]
+        for s, e in [*every.earlier[r], (every.offsets[r], len(toks))]:
+            for t in range(s, e):  # token t is predicted at position t - 1
+                hand.append(nn.losses.cross_entropy(logits[r, t - 1][None], mx.array([toks[t]])).item())
+    for answer_only in (True, False):
+        loss, ntoks = make_loss(model, answer_only)(model, batch, lengths, pos_all, valid_all)
+        assert ntoks.item() == len(hand)
+        assert loss.item() == pytest.approx(sum(hand) / len(hand), rel=1e-4)
+
+    with pytest.raises(ConfigError, match="answer_turns must be 'last' or 'all'"):
+        TrainConfig(answer_turns="some").check()
+    with pytest.raises(ConfigError, match="answer_turns: all needs mask_prompt: true"):
+        TrainConfig(answer_turns="all", mask_prompt=False).check()
+
+
+def test_answer_turns_all_run_validates_like_last(tmp_path):
+    """The same data and seed: training on every answer takes more loss tokens per step, and
+    step 0's validation loss (before any update) is the same number: the last answers' loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(8, shots=2)))
+    runs = {turns: train(load_config(_config(tmp_path / turns, data, iters=2, steps_per_eval=2, save_every=2,
+                                             answer_turns=turns)), progress=False)
+            for turns in ("last", "all")}
+    assert runs["all"].status == runs["last"].status == "completed"
+    assert runs["all"].first_val_loss == pytest.approx(runs["last"].first_val_loss, rel=1e-6)
+    assert runs["all"].loss_tokens > 2 * runs["last"].loss_tokens  # three answers a row instead of one
+
+
+def test_mix_alpha_draws_rare_answer_shapes_more_often():
+    """mix_alpha 1 is the data's own mix (every row once an epoch); 0.5 gives each answer shape
+    a share proportional to the square root of its count; 0 makes shapes equally common. The
+    plan stays a pure function of (seed, epoch)."""
+    from collections import Counter
+
+    from mondrian.train.config import TrainConfig
+    from mondrian.train.text import answer_shape, batch_plan, mix_weights
+
+    def row(answer) -> dict:
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]}
+
+    assert answer_shape(row('{"technology":"Wind","query_type":"search"}')) == "query_type,technology"
+    assert answer_shape(row("not json")) == answer_shape(row("[1]")) == ""
+    shapes = ["common"] * 900 + ["rare"] * 100  # 9:1
+    assert mix_weights(shapes, 1.0) is None
+    for alpha, rare_share in ((0.5, 1 / 4), (0.0, 1 / 2)):  # sqrt: 30:10; flat: 1:1
+        w = mix_weights(shapes, alpha)
+        assert w.sum() == pytest.approx(1.0) and w[900:].sum() == pytest.approx(rare_share)
+        plan = batch_plan([10] * 1000, 8, seed=0, epoch=0, bucket=1, weights=w)
+        assert plan == batch_plan([10] * 1000, 8, seed=0, epoch=0, bucket=1, weights=w)
+        drawn = Counter(shapes[i] for b in plan for i in b)
+        assert sum(drawn.values()) == 1000
+        assert drawn["rare"] / 1000 == pytest.approx(rare_share, abs=0.05)
+    with pytest.raises(ConfigError, match="mix_alpha must be a number from 0 to 1"):
+        TrainConfig(mix_alpha=2).check()

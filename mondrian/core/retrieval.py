@@ -9,8 +9,14 @@ then the question. The model copies from solved examples instead of memorising a
 
 Similarity is TF-IDF over character n-grams within words (scikit-learn, `char_wb` 2-4, sublinear
 tf), cosine: it survives typos ("yorkshrie"), abbreviations ("berks" shares "ber", "erk" with
-"berkshire") and two-word questions, where word-level BM25 finds no shared token
-(`scripts/bench_retrieval.py` measures the options; its numbers are in the README).
+"berkshire") and two-word questions, where word-level BM25 finds no shared token. The k examples
+are then chosen to *cover* the question rather than to resemble it most (method `...-cover`,
+the default): from the 64 most similar, greedily the one adding most of the question's n-gram
+weight not yet shown, so one example brings the place, another the capacity phrase, another
+the technology (coverage-based selection for compositional parsing, Gupta, Singh & Gardner,
+"Coverage-based Example Selection for In-Context Learning", Findings of EMNLP 2023). The
+plain k-nearest method stays loadable: a version is served with the method it was trained
+with. `scripts/bench_retrieval.py` measures the options; its numbers are in the README.
 
 The index file is the unit of identity: its sha256 goes on the dataset card and the version
 card. Training copies it into the adapter folder, so a published version carries (and is
@@ -34,7 +40,11 @@ from mondrian.core.contracts import Advisor
 
 INDEX_FILE = "retrieval_index.json"
 FORMAT = "mondrian-retrieval/1"
-METHOD = "tfidf-char_wb-2-4"
+NEAREST = "tfidf-char_wb-2-4"  # the k most similar (indexes written before coverage)
+COVER = "tfidf-char_wb-2-4-cover"  # the k covering the question's n-grams best
+METHOD = COVER  # what `mondrian dataset` writes
+METHODS = (NEAREST, COVER)
+COVER_POOL = 64  # candidates the coverage choice looks at: the most similar ones
 
 
 class RetrievalError(ValueError):
@@ -55,8 +65,8 @@ class RetrievalIndex:
     """Solved examples and a similarity over their inputs; `nearest` is the one query."""
 
     def __init__(self, examples: list[Example], k: int, method: str = METHOD):
-        if method != METHOD:
-            raise RetrievalError(f"retrieval method {method!r} is not known (this mondrian has {METHOD!r})")
+        if method not in METHODS:
+            raise RetrievalError(f"retrieval method {method!r} is not known (this mondrian has {', '.join(METHODS)})")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise RetrievalError(f"retrieval k must be an integer >= 1, got {k!r}")
         self.examples, self.k, self.method = list(examples), k, method
@@ -125,21 +135,38 @@ class RetrievalIndex:
 
     def nearest(self, text: str, k: int | None = None, exclude_groups: frozenset[str] | set[str] = frozenset()
                 ) -> list[Example]:
-        """The k most similar examples, most similar first; ties keep index order (stable).
+        """The k examples to show for `text`, most similar first; ties keep index order (stable).
         Examples of `exclude_groups` are never returned (a training row's own group)."""
         k = self.k if k is None else k
         if not self.examples or k < 1:
             return []
         self.fit()
-        scores = (self._matrix @ self._vectorizer.transform([text]).T).toarray().ravel()
-        found: list[Example] = []
-        for i in np.argsort(-scores, kind="stable"):  # stable: equal scores keep index order
-            if self.examples[i].group not in exclude_groups:
-                found.append(self.examples[i])
-                if len(found) == k:
-                    break
-        return found
+        query = self._vectorizer.transform([text])
+        scores = (self._matrix @ query.T).toarray().ravel()
+        order = [int(i) for i in np.argsort(-scores, kind="stable")  # stable: equal scores keep index order
+                 if self.examples[i].group not in exclude_groups]
+        if self.method == NEAREST:
+            chosen = order[:k]
+        else:
+            chosen = sorted(_cover(self._matrix, query, order[:COVER_POOL], k), key=order.index)
+        return [self.examples[i] for i in chosen]
 
+
+def _cover(matrix: Any, query: Any, pool: list[int], k: int) -> list[int]:
+    """Greedy weighted coverage: each pick is the pool row adding most of the query's n-gram
+    weight (its TF-IDF) not yet present in an earlier pick; ties go to the more similar row.
+    Greedy is within 1 - 1/e of the best set, the coverage function being submodular."""
+    cols, weight = query.indices, query.data
+    present = (matrix[pool][:, cols].toarray() > 0).astype(np.float64)  # pool x query n-grams
+    covered = np.zeros(len(cols))
+    picked: list[int] = []
+    for _ in range(min(k, len(pool))):
+        gain = (np.maximum(present - covered, 0.0) * weight).sum(axis=1)
+        gain[picked] = -1.0
+        j = int(np.argmax(gain))  # first maximum: the pool is in similarity order
+        picked.append(j)
+        covered = np.maximum(covered, present[j])
+    return [pool[j] for j in picked]
 
 def prompt_messages(advisor: Advisor, text: str | None, index: RetrievalIndex | None = None, *,
                     image: bool = False, exclude_group: str | None = None) -> tuple[list[dict], list[Example]]:

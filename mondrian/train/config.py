@@ -63,6 +63,18 @@ class TrainConfig:
     # An adapter folder whose LoRA weights a new run starts from (e.g. the production version's,
     # to retrain on new data); its layout must be this config's. The optimizer starts fresh.
     init_adapter: str | None = None
+    # Which answers of a chat row carry loss under mask_prompt: `last` (mlx-lm's way) or `all`,
+    # every assistant turn, so a retrieval row's solved examples are learnt too (each from the
+    # examples before it): several answers per row for the price of one forward pass. Validation
+    # always scores the last answer, the one a served prompt asks for. Text advisors only.
+    answer_turns: str = "last"
+    # The data mix: rows are drawn so that each answer shape (the set of fields a JSON answer
+    # holds) comes up in proportion to count**mix_alpha: 1 keeps the data's own mix, 0 makes every
+    # shape equally common, between the two rare shapes (no technology, include_* flags, three
+    # capacities ...) are seen more often without repeating them endlessly (the smoothing of
+    # multilingual pre-training, Conneau et al. 2020). Rows whose answer is not a JSON object
+    # form one shape.
+    mix_alpha: float = 1.0
 
     def check(self) -> None:
         if self.fine_tune_type != "lora":
@@ -83,6 +95,14 @@ class TrainConfig:
                     "keep_checkpoints"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer (got {getattr(self, key)!r})")
+        if self.answer_turns not in ("last", "all"):
+            raise ConfigError(f"answer_turns must be 'last' or 'all' (got {self.answer_turns!r})")
+        if self.answer_turns == "all" and not self.mask_prompt:
+            raise ConfigError("answer_turns: all needs mask_prompt: true (without the mask every token "
+                              "carries loss already)")
+        if isinstance(self.mix_alpha, bool) or not isinstance(self.mix_alpha, int | float) \
+                or not 0 <= self.mix_alpha <= 1:
+            raise ConfigError(f"mix_alpha must be a number from 0 to 1 (got {self.mix_alpha!r})")
         unknown = sorted(set(self.lora_parameters) - {"rank", "scale", "dropout", "keys"})
         if unknown:
             raise ConfigError(f"lora_parameters: unknown key(s) {', '.join(unknown)} "

@@ -17,6 +17,7 @@ What mlx-lm's `train()` lacks, and this loop adds:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -45,13 +46,16 @@ from mondrian.train.loop import Hooks, TrainError, TrainResult
 class Split:
     name: str
     tokens: list[list[int]]
-    offsets: list[int]  # loss starts at this token (0 without mask_prompt)
+    offsets: list[int]  # the last answer (the loss) starts at this token (0 without mask_prompt)
+    # answer_turns all: each row's earlier answers, as [start, end) token spans that carry loss too
+    earlier: list[list[tuple[int, int]]] | None = None
+    shapes: list[str] | None = None  # each row's answer shape (answer_shape), for the data mix
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
-def load_split(folder: Path, name: str, tokenizer, mask_prompt: bool) -> Split:
+def load_split(folder: Path, name: str, tokenizer, mask_prompt: bool, all_turns: bool = False) -> Split:
     from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
 
     path = folder / f"{name}.jsonl"
@@ -75,19 +79,65 @@ def load_split(folder: Path, name: str, tokenizer, mask_prompt: bool) -> Split:
         toks, off = out if isinstance(out, tuple) else (out, 0)
         tokens.append(list(toks))
         offsets.append(int(off))
-    return Split(name, tokens, offsets)
+    shapes = [answer_shape(row) for row in rows]
+    if not (all_turns and mask_prompt and "messages" in rows[0]):
+        return Split(name, tokens, offsets, shapes=shapes)
+    earlier = [answer_spans(tokenizer, row["messages"], toks, f"{path}:{i + 1}")
+               for i, (row, toks) in enumerate(zip(rows, tokens, strict=True))]
+    return Split(name, tokens, offsets, earlier, shapes)
 
 
-def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: int) -> list[list[int]]:
+def answer_shape(row: dict) -> str:
+    """The fields a row's answer holds ("capacity_min_kw,query_type,technology"), or "" when
+    the answer is not a JSON object."""
+    answer = row["messages"][-1].get("content") if row.get("messages") else row.get("completion")
+    try:
+        value = json.loads(answer) if isinstance(answer, str) else None
+    except ValueError:
+        value = None
+    return ",".join(sorted(value)) if isinstance(value, dict) else ""
+
+
+def mix_weights(shapes: list[str], alpha: float) -> np.ndarray | None:
+    """Per-row draw probabilities giving each shape a share proportional to count**alpha
+    (None: alpha 1, the data's own mix)."""
+    if alpha == 1:
+        return None
+    _, index, counts = np.unique(np.array(shapes, dtype=object), return_inverse=True, return_counts=True)
+    per_row = counts[index].astype(np.float64) ** (alpha - 1.0)
+    return per_row / per_row.sum()
+
+
+def answer_spans(tokenizer, messages: list[dict], tokens: list[int], where: str) -> list[tuple[int, int]]:
+    """[start, end) token spans of every assistant turn but the last, measured the way mlx-lm's
+    ChatDataset measures the last one (the chat up to a turn with the generation prompt, then
+    with the turn). Refused when a template does not render earlier turns as prefixes."""
+    spans = []
+    for i, message in enumerate(messages[:-1]):
+        if message.get("role") != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=False))
+        upto = list(tokenizer.apply_chat_template(messages[:i + 1], return_dict=False))
+        if tokens[:len(upto)] != upto or not start < len(upto):
+            raise TrainError(f"{where}: the chat template does not render turn {i + 1} as a prefix of the "
+                             "row, so its answer cannot be located (use answer_turns: last)")
+        spans.append((start, len(upto)))
+    return spans
+
+
+def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: int,
+               weights: np.ndarray | None = None) -> list[list[int]]:
     """The batches of one epoch, a pure function of its arguments (so resume can replay it).
 
     Rows are shuffled, then sorted by length inside windows of `bucket` batches (less
     padding; bucket 1 keeps every batch a random draw), cut into batches, and the batch order
     shuffled. A short last batch is filled from the start of the epoch so every row trains
-    once per epoch.
+    once per epoch. With `weights` (the data mix), an epoch is as many rows drawn with
+    replacement by those probabilities.
     """
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
+    order = (rng.permutation(len(lengths)) if weights is None
+             else rng.choice(len(lengths), size=len(lengths), p=weights)).tolist()
     if len(order) % batch_size:
         order += order[: batch_size - len(order) % batch_size]
     window = batch_size * bucket
@@ -129,6 +179,10 @@ def make_loss(model, answer_only: bool):
     def full(model, batch, lengths, positions=None, valid=None):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs)
+        if positions is not None:  # the loss positions (several answers per row with answer_turns all)
+            logits = logits.reshape(-1, logits.shape[-1])[positions]
+            ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[positions]) * valid
+            return ce.astype(mx.float32).sum() / valid.sum(), valid.sum()
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
         ce = nn.losses.cross_entropy(logits, targets) * mask
@@ -149,13 +203,17 @@ def make_loss(model, answer_only: bool):
     return gathered if head is not None else full
 
 
-def loss_positions(lengths: np.ndarray, width: int) -> tuple[mx.array, mx.array]:
-    """Flat (row * (width-1) + t) indices of target positions inside (offset, length], padded
-    to a multiple of 32 so compiled shapes repeat."""
+def loss_positions(lengths: np.ndarray, width: int, earlier: list[list[tuple[int, int]]] | None = None
+                   ) -> tuple[mx.array, mx.array]:
+    """Flat (row * (width-1) + t) indices of target positions inside (offset, length], and
+    inside each row's `earlier` answer spans, padded to a multiple of 32 so compiled shapes
+    repeat."""
     t = width - 1
     idx = []
     for row, (off, n) in enumerate(lengths.tolist()):
-        start = max(off, 1) - 1  # target index j predicts token j+1; loss on steps >= off
+        for s, e in (earlier[row] if earlier else ()):  # target j predicts token j+1
+            idx.extend(row * t + j for j in range(s - 1, min(e, n) - 1))
+        start = max(off, 1) - 1  # loss on steps >= off
         idx.extend(row * t + j for j in range(start, n - 1))
     k = len(idx)
     padded = 32 * math.ceil(max(k, 1) / 32)
@@ -280,6 +338,7 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
 
     lengths_all = [len(t) for t in split.tokens]
+    weights = mix_weights(split.shapes, cfg.mix_alpha) if split.shapes else None
     per_epoch = math.ceil(len(split) / cfg.batch_size)
     plans: dict[int, list[list[int]]] = {}
     grads = [None]  # gradient carried across accumulation steps
@@ -288,10 +347,13 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
         nonlocal plans
         epoch, pos = divmod(step - 1, per_epoch)
         if epoch not in plans:
-            plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch, cfg.bucket_batches)}
+            plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch, cfg.bucket_batches,
+                                        weights)}
         fault_injection(w, step)
-        batch, lengths = make_batch(split, w.shard(plans[epoch][pos]), cfg.max_seq_length)
-        positions, valid = loss_positions(np.array(lengths), batch.shape[1])
+        idx = w.shard(plans[epoch][pos])
+        batch, lengths = make_batch(split, idx, cfg.max_seq_length)
+        earlier = [split.earlier[i] for i in idx] if split.earlier else None
+        positions, valid = loss_positions(np.array(lengths), batch.shape[1], earlier)
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
         # the last step also updates: an incomplete accumulation still counts (as mlx-vlm's does)
         update = step % accum == 0 or step == cfg.iters
@@ -320,8 +382,8 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     w = loop.join_world(cfg.batch_size)
     mx.random.seed(cfg.seed)
     model, tokenizer = load(card.path)
-    train_split = load_split(data, "train", tokenizer, cfg.mask_prompt)
-    valid_split = load_split(data, "valid", tokenizer, cfg.mask_prompt)
+    train_split = load_split(data, "train", tokenizer, cfg.mask_prompt, cfg.answer_turns == "all")
+    valid_split = load_split(data, "valid", tokenizer, cfg.mask_prompt)  # scored on the last answer
     preflight(cfg, model, tokenizer, train_split, valid_split)
     prepare_model(model, cfg)
     optimizer = make_optimizer(cfg)
