@@ -26,12 +26,20 @@ rate), each adapter scored the same way; read against the seeds part's two train
 seeds give the same runs: both trainers are deterministic for a seed). A run redoes only the
 variants it names; each records when it ran and our loop's defaults then (`ours_defaults`).
 
+part `recipe`: `make train`'s recipe (lora/fit-query.yaml on the retrieval dataset) with one set
+of changes per variant (`--recipe-variants "{}; {answer_turns: all}; ..."`, YAML mappings: config
+keys, plus `retrieval_method: nearest` for a dataset whose prompts show the k nearest examples
+instead of the covering ones), each trained to the end as `make train` trains, then scored by
+`mondrian eval --max-tokens 128` under the grammar (what the service serves) on the test split
+and the hand-written set: exact match, field accuracy, compliance, per-field accuracy, the
+training wall time and the validation loss. A run adds to the variants already in the file.
+
 Results: scripts/results/bench_quality.json (every number, per arm and set); the README
 table is copied from its printout.
 
-    python scripts/bench_quality.py [--parts arms,seeds,ablations] [--budget-min 12] [--seeds 3]
+    python scripts/bench_quality.py [--parts arms,seeds,ablations,recipe] [--budget-min 12] [--seeds 3]
                                     [--seed-iters 30] [--ablations NAME,...] [--base]
-                                    [--workspace workspace]
+                                    [--recipe-variants "{}; {answer_turns: all}"] [--workspace workspace]
 
 A run rewrites only the parts it ran; the other parts' results stay in the file.
 """
@@ -270,6 +278,65 @@ def part_ablations(sets: dict[str, Path], tmp: Path, seeds: int, iters: int, nam
     return {"iters": iters, "recipe": OLD_RECIPE, "variants": variants}
 
 
+def recipe_dataset(ws: Path, method: str) -> Path:
+    """The retrieval dataset with another way of choosing the examples (built once)."""
+    advisor = get_advisor(ADV)
+    if method == advisor.retrieval.method:
+        return ws / "datasets" / ADV
+    out = ws / "datasets" / f"{ADV}-{method}"
+    if not (out / "train.jsonl").is_file():
+        build_dataset(ws / "manifest", replace(advisor, retrieval=replace(advisor.retrieval, method=method)), out,
+                      data_root=load_workspace(ws).data_path)
+    return out
+
+
+def _per_field(report: Path) -> dict:
+    """Accuracy per field from an eval report: correct / (rows where expected or produced)."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in json.loads(report.read_text())["rows"]:
+        for arm in row["arms"].values():
+            for name, verdict in arm["fields"].items():
+                counts.setdefault(name, {}).setdefault(verdict, 0)
+                counts[name][verdict] += 1
+    return {name: {"accuracy": round(c.get("correct", 0) / sum(c.values()), 4), **c} for name, c in counts.items()}
+
+
+def part_recipe(ws: Path, tmp: Path, variants: list[str], kept: dict | None,
+                progress: Callable[[dict], None] = lambda partial: None) -> dict:
+    recipe = yaml.safe_load(NEW_RECIPE.read_text())
+    done = dict((kept or {}).get("variants", {}))
+    for i, text in enumerate(variants):
+        change = yaml.safe_load(text) or {}
+        if not isinstance(change, dict):
+            raise SystemExit(f"--recipe-variants: {text!r} is not a mapping")
+        method = change.pop("retrieval_method", get_advisor(ADV).retrieval.method)
+        data = recipe_dataset(ws, method)
+        folder = tmp / f"recipe-{i}"
+        config = recipe | change | {"data": str(data), "adapter_path": str(folder / "run"), "db": str(folder / "runs.db")}
+        info = train_ours(config, folder, None)
+        with sqlite3.connect(folder / "runs.db") as conn:
+            val = [v for (v,) in conn.execute("SELECT value FROM run_metrics WHERE name = 'val_loss' ORDER BY step")]
+        result = info | {"change": text, "retrieval_method": method, "when": _now(),
+                         "val_loss_first": val[0] if val else None, "val_loss_best": min(val) if val else None}
+        for name, questions in (("test", None), ("handwritten", HANDWRITTEN)):
+            out = folder / "eval" / name
+            cmd = [sys.executable, "-m", "mondrian.cli", "eval", "--adapter", str(folder / "run"), "--advisor", ADV,
+                   "--data", str(data), "--arms", "adapter_constrained", "--max-tokens", "128",
+                   "--db", str(folder / "runs.db"), "--out", str(out), "--no-progress", "--json"]
+            proc = subprocess.run(cmd + (["--questions", str(questions)] if questions else []),
+                                  capture_output=True, text=True, env=_env(), cwd=ROOT)
+            if proc.returncode:
+                raise RuntimeError(f"mondrian eval failed:\n{proc.stderr[-3000:]}")
+            m = json.loads((out / "report.json").read_text())["arms"]["adapter_constrained"]
+            result[name] = {k: m.get(k) for k in ("exact_match", "field_accuracy", "compliance", "longest_tokens",
+                                                  "truncated")} | {"fields": _per_field(out / "report.json")}
+        done[text] = result
+        print(json.dumps({text: {k: result[k] for k in ("wall_s", "steps", "val_loss_best")}
+                          | {s: result[s]["exact_match"] for s in ("test", "handwritten")}}), flush=True)
+        progress({"recipe": recipe, "variants": done})
+    return {"recipe": recipe, "variants": done}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="arms,seeds,ablations")
@@ -278,6 +345,8 @@ def main() -> None:
     ap.add_argument("--seed-iters", type=int, default=30)
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which ({', '.join(ABLATIONS)})")
     ap.add_argument("--base", action="store_true", help="also score the base model on both datasets")
+    ap.add_argument("--recipe-variants", default="{}",
+                    help="recipe part: ';'-separated YAML mappings of changes to lora/fit-query.yaml")
     ap.add_argument("--workspace", default=str(ROOT / "workspace"))
     ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_quality.json"))
     args = ap.parse_args()
@@ -304,6 +373,13 @@ def main() -> None:
             result["ablations"] = part_ablations(sets, Path(tmp) / "ablations", args.seeds, args.seed_iters, names,
                                                  kept.get("ablations"), save_ablations)
             out.write_text(json.dumps(result, indent=2) + "\n")
+        if "recipe" in args.parts:
+            def save_recipe(partial: dict) -> None:
+                out.write_text(json.dumps(result | {"recipe": partial}, indent=2) + "\n")
+            variants = [v.strip() for v in args.recipe_variants.split(";") if v.strip()]
+            result["recipe"] = part_recipe(Path(args.workspace), Path(tmp) / "recipe", variants,
+                                           kept.get("recipe"), save_recipe)
+            out.write_text(json.dumps(result, indent=2) + "\n")
         if "arms" in args.parts:
             result["budget_min"] = args.budget_min
             def save_arms(partial: dict) -> None:
@@ -311,7 +387,7 @@ def main() -> None:
             result["arms"] = part_arms(sets, Path(tmp) / "arms", args.budget_min * 60, model_path, args.base,
                                        save_arms) | {"when": _now()}
             out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k in ("seeds", "ablations", "arms")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k in ("seeds", "ablations", "arms", "recipe")}, indent=1))
     print(f"wrote {out}")
 
 

@@ -131,7 +131,7 @@ def test_prompt_messages_puts_the_most_similar_example_next_to_the_question():
 
 
 def test_advisor_yaml_retrieval_block(tmp_path):
-    assert get_advisor(ADV).retrieval == Retrieval(k=4)
+    assert get_advisor(ADV).retrieval == Retrieval(k=4, method="cover")
     assert get_advisor("photo-critic").retrieval is None
     src = (Path(get_advisor(ADV).source)).read_text()
     # retrieval is how prompts are built, not what an answer is: the contract's identity stays
@@ -141,6 +141,7 @@ def test_advisor_yaml_retrieval_block(tmp_path):
     assert load_advisor(plain).fingerprint == get_advisor(ADV).fingerprint
     for bad, message in [("retrieval: {k: 0}", "k must be an integer in 1..32"),
                          ("retrieval: {k: 4, metric: cosine}", "unknown key"),
+                         ("retrieval: {k: 4, method: bm25}", "method must be cover or nearest"),
                          ("retrieval: 4", "must be a mapping")]:
         path = tmp_path / "bad.yaml"
         path.write_text(src.replace("retrieval: {k: 4}", bad))
@@ -171,6 +172,7 @@ def test_dataset_writes_the_index_and_every_row_shows_k_examples_not_its_own(dat
     assert stats["retrieval"]["fingerprint"] == file_sha256(dataset / INDEX_FILE) == index.fingerprint
     assert stats["fingerprints"][INDEX_FILE] == index.fingerprint
     assert stats["retrieval"]["k"] == 4 and stats["leakage"]["index_examples"] == len(index.examples)
+    assert stats["retrieval"]["method"] == index.method == COVER  # the advisor's `method: cover` (default)
     assert "retrieval: k=4" in (dataset / "dataset_stats.md").read_text()
     train = _rows(dataset / "train.jsonl")
     # one example per distinct train question, and nothing else

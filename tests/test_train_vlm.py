@@ -268,6 +268,10 @@ def test_errors_before_training(vision_data, tmp_path):
                                                              "keys": ["self_attn.nope"]}), progress=False)
     with pytest.raises(TrainError, match="fine_tune_type 'dora'"):
         train_vision(_cfg(vision_data, out, fine_tune_type="dora"), progress=False)
+    with pytest.raises(TrainError, match="answer_turns: all is for text advisors"):
+        train_vision(_cfg(vision_data, out, mask_prompt=True, answer_turns="all"), progress=False)
+    with pytest.raises(TrainError, match="mix_alpha is for text advisors"):
+        train_vision(_cfg(vision_data, out, mix_alpha=0.5), progress=False)
     assert not out.exists()  # nothing written by a refused run
 
 

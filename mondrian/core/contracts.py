@@ -45,9 +45,12 @@ class Case:
 
 @dataclass(frozen=True)
 class Retrieval:
-    """The advisor YAML's `retrieval:` block: how many solved examples each prompt shows."""
+    """The advisor YAML's `retrieval:` block: how many solved examples each prompt shows, and
+    how they are chosen (`cover`: the k that together cover the question best; `nearest`: the
+    k most similar; mondrian.core.retrieval)."""
 
     k: int = 4
+    method: str = "cover"
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,8 @@ def _load_retrieval(path: Path, data: dict) -> Retrieval | None:
     got = from_dict(Retrieval, data["retrieval"], where)
     if isinstance(got.k, bool) or not isinstance(got.k, int) or not 1 <= got.k <= 32:
         raise ConfigError(f"{where}: k must be an integer in 1..32, got {got.k!r}")
+    if got.method not in ("cover", "nearest"):
+        raise ConfigError(f"{where}: method must be cover or nearest, got {got.method!r}")
     return got
 
 

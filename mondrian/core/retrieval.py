@@ -168,6 +168,7 @@ def _cover(matrix: Any, query: Any, pool: list[int], k: int) -> list[int]:
         covered = np.maximum(covered, present[j])
     return [pool[j] for j in picked]
 
+
 def prompt_messages(advisor: Advisor, text: str | None, index: RetrievalIndex | None = None, *,
                     image: bool = False, exclude_group: str | None = None) -> tuple[list[dict], list[Example]]:
     """The chat a model answers for `text`, and the examples it shows. The one prompt builder

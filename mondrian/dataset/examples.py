@@ -9,7 +9,7 @@ proves that. Every row's prompt then carries its k nearest examples, never one o
 from __future__ import annotations
 
 from mondrian.core.contracts import Advisor
-from mondrian.core.retrieval import Example, RetrievalIndex, prompt_messages
+from mondrian.core.retrieval import COVER, NEAREST, Example, RetrievalIndex, prompt_messages
 from mondrian.dataset.rows import Row
 
 
@@ -20,7 +20,8 @@ def build_index(advisor: Advisor, train: list[Row]) -> RetrievalIndex:
     for row in sorted(train, key=lambda r: (r.group, r.job_id)):
         if row.text and row.group not in examples:
             examples[row.group] = Example(row.text, advisor.render(row.output), row.group, row.job_id)
-    return RetrievalIndex(list(examples.values()), advisor.retrieval.k)
+    method = {"cover": COVER, "nearest": NEAREST}[advisor.retrieval.method]
+    return RetrievalIndex(list(examples.values()), advisor.retrieval.k, method)
 
 
 def add_examples(advisor: Advisor, rows: list[Row], index: RetrievalIndex) -> None:

@@ -213,6 +213,8 @@ def _inputs(cfg: TrainConfig, resume: bool) -> tuple[Path, Path, Path | None, An
         raise TrainError(str(exc)) from exc
     if cfg.answer_turns != "last":  # mlx-vlm's completion mask is the last answer's
         raise TrainError("answer_turns: all is for text advisors; the vision trainer scores the last answer")
+    if cfg.mix_alpha != 1:  # mlx-vlm draws its own batches
+        raise TrainError("mix_alpha is for text advisors; the vision trainer keeps the data's mix")
     data = Path(cfg.data)
     if not data.is_dir():  # mlx-vlm's loader would take a missing folder for a hub dataset id
         raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
