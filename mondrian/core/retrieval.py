@@ -1,10 +1,10 @@
-"""Retrieval-augmented prompts: the train split's solved examples, and the k nearest to a question.
+"""Retrieval-augmented prompts: the train split's solved examples, and the k to show with a question.
 
 An advisor opts in through its YAML (`retrieval: {k: 4}`). `mondrian dataset` then writes
 `retrieval_index.json` beside the split files: one solved example (input, rendered answer,
 job id) per distinct normalized train input. Every prompt of that advisor, in training rows,
 in evaluation and in the service, is built by `prompt_messages`: the system prompt, the k
-nearest examples as earlier user / assistant turns (most similar last, next to the question),
+chosen examples as earlier user / assistant turns (most similar last, next to the question),
 then the question. The model copies from solved examples instead of memorising a place table.
 
 Similarity is TF-IDF over character n-grams within words (scikit-learn, `char_wb` 2-4, sublinear
@@ -173,7 +173,7 @@ def prompt_messages(advisor: Advisor, text: str | None, index: RetrievalIndex | 
                     image: bool = False, exclude_group: str | None = None) -> tuple[list[dict], list[Example]]:
     """The chat a model answers for `text`, and the examples it shows. The one prompt builder
     of training rows, evaluation and the service: without an index (or for an image) it is
-    `advisor.messages`; with one, the nearest solved examples come first as earlier turns."""
+    `advisor.messages`; with one, its chosen solved examples come first as earlier turns."""
     examples: list[Example] = []
     if index is not None and not image and text and text.strip():
         examples = index.nearest(text, exclude_groups={exclude_group} if exclude_group else frozenset())

@@ -26,7 +26,7 @@ Output folder (written under a temp sibling name, then renamed into place):
   folder is self-contained. A hard link shares the source's bytes: edit photos by writing
   new files, never in place (the `image_sha256` check catches a changed source next build).
 - `retrieval_index.json` (advisors with `retrieval:`): the train split's solved examples that
-  every row's prompt draws its k nearest from (`mondrian.dataset.examples`,
+  every row's prompt draws its k examples from (`mondrian.dataset.examples`,
   `mondrian.core.retrieval`); training copies it into the adapter folder.
 - `index.jsonl`: split, line, job_id and group of every row (links eval results to jobs).
 - `dataset_stats.json` / `dataset_stats.md`: counts, upstream rejections, token lengths,

@@ -2,8 +2,9 @@
 
 The index holds the train split only, one example per leakage group (its first row by job id),
 so nothing of valid or test can be copied from it; `leakage.check_leakage` re-reads the file and
-proves that. Every row's prompt then carries its k nearest examples, never one of its own group
-(a row must not see its own answer, nor a re-asked copy of it).
+proves that. Every row's prompt then carries its k examples (covering or nearest: the advisor's
+`retrieval.method`), never one of its own group (a row must not see its own answer, nor a
+re-asked copy of it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def build_index(advisor: Advisor, train: list[Row]) -> RetrievalIndex:
 
 
 def add_examples(advisor: Advisor, rows: list[Row], index: RetrievalIndex) -> None:
-    """Rebuild each row's prompt with its nearest examples (through the one prompt builder)."""
+    """Rebuild each row's prompt with its examples (through the one prompt builder)."""
     for row in rows:
         answer = row.record["messages"][-1]
         messages, _ = prompt_messages(advisor, row.text, index, exclude_group=row.group)
