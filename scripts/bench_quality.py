@@ -149,10 +149,11 @@ def train_ours(config: dict, out: Path, budget_s: float | None, env: dict | None
     return {"trainer": "mondrian train", "wall_s": round(wall, 1), "steps": steps}
 
 
-def score(adapter: Path | None, data: Path, out: Path, arms: str, questions: Path | None = None) -> dict:
-    """`mondrian eval` of the given arms; {arm: headline metrics}."""
+def score(adapter: Path | None, data: Path, out: Path, arms: str, questions: Path | None = None,
+          max_tokens: int = 96) -> dict:
+    """`mondrian eval` of the given arms; {arm: headline metrics} (the whole report: out/report.json)."""
     cmd = [sys.executable, "-m", "mondrian.cli", "eval", "--model", "smollm2-135m", "--advisor", ADV,
-           "--data", str(data), "--arms", arms, "--max-tokens", "96", "--db", str(out / "runs.db"),
+           "--data", str(data), "--arms", arms, "--max-tokens", str(max_tokens), "--db", str(out / "runs.db"),
            "--out", str(out), "--no-progress", "--json"]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
@@ -320,13 +321,7 @@ def part_recipe(ws: Path, tmp: Path, variants: list[str], kept: dict | None,
                          "val_loss_first": val[0] if val else None, "val_loss_best": min(val) if val else None}
         for name, questions in (("test", None), ("handwritten", HANDWRITTEN)):
             out = folder / "eval" / name
-            cmd = [sys.executable, "-m", "mondrian.cli", "eval", "--adapter", str(folder / "run"), "--advisor", ADV,
-                   "--data", str(data), "--arms", "adapter_constrained", "--max-tokens", "128",
-                   "--db", str(folder / "runs.db"), "--out", str(out), "--no-progress", "--json"]
-            proc = subprocess.run(cmd + (["--questions", str(questions)] if questions else []),
-                                  capture_output=True, text=True, env=_env(), cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(f"mondrian eval failed:\n{proc.stderr[-3000:]}")
+            score(folder / "run", data, out, "adapter_constrained", questions, max_tokens=128)
             m = json.loads((out / "report.json").read_text())["arms"]["adapter_constrained"]
             result[name] = {k: m.get(k) for k in ("exact_match", "field_accuracy", "compliance", "longest_tokens",
                                                   "truncated")} | {"fields": _per_field(out / "report.json")}

@@ -44,6 +44,7 @@ NEAREST = "tfidf-char_wb-2-4"  # the k most similar (indexes written before cove
 COVER = "tfidf-char_wb-2-4-cover"  # the k covering the question's n-grams best
 METHOD = COVER  # what `mondrian dataset` writes
 METHODS = (NEAREST, COVER)
+BY_NAME = {"nearest": NEAREST, "cover": COVER}  # the advisor YAML's `retrieval.method`
 COVER_POOL = 64  # candidates the coverage choice looks at: the most similar ones
 
 
@@ -148,14 +149,16 @@ class RetrievalIndex:
         if self.method == NEAREST:
             chosen = order[:k]
         else:
-            chosen = sorted(_cover(self._matrix, query, order[:COVER_POOL], k), key=order.index)
+            pool = order[:COVER_POOL]
+            chosen = [pool[j] for j in sorted(_cover(self._matrix, query, pool, k))]  # similarity order
         return [self.examples[i] for i in chosen]
 
 
 def _cover(matrix: Any, query: Any, pool: list[int], k: int) -> list[int]:
     """Greedy weighted coverage: each pick is the pool row adding most of the query's n-gram
     weight (its TF-IDF) not yet present in an earlier pick; ties go to the more similar row.
-    Greedy is within 1 - 1/e of the best set, the coverage function being submodular."""
+    Greedy is within 1 - 1/e of the best set, the coverage function being submodular.
+    Returns positions in `pool`, in the order picked."""
     cols, weight = query.indices, query.data
     present = (matrix[pool][:, cols].toarray() > 0).astype(np.float64)  # pool x query n-grams
     covered = np.zeros(len(cols))
@@ -166,7 +169,7 @@ def _cover(matrix: Any, query: Any, pool: list[int], k: int) -> list[int]:
         j = int(np.argmax(gain))  # first maximum: the pool is in similarity order
         picked.append(j)
         covered = np.maximum(covered, present[j])
-    return [pool[j] for j in picked]
+    return picked
 
 
 def prompt_messages(advisor: Advisor, text: str | None, index: RetrievalIndex | None = None, *,

@@ -10,7 +10,7 @@ re-asked copy of it).
 from __future__ import annotations
 
 from mondrian.core.contracts import Advisor
-from mondrian.core.retrieval import COVER, NEAREST, Example, RetrievalIndex, prompt_messages
+from mondrian.core.retrieval import BY_NAME, Example, RetrievalIndex, prompt_messages
 from mondrian.dataset.rows import Row
 
 
@@ -21,8 +21,7 @@ def build_index(advisor: Advisor, train: list[Row]) -> RetrievalIndex:
     for row in sorted(train, key=lambda r: (r.group, r.job_id)):
         if row.text and row.group not in examples:
             examples[row.group] = Example(row.text, advisor.render(row.output), row.group, row.job_id)
-    method = {"cover": COVER, "nearest": NEAREST}[advisor.retrieval.method]
-    return RetrievalIndex(list(examples.values()), advisor.retrieval.k, method)
+    return RetrievalIndex(list(examples.values()), advisor.retrieval.k, BY_NAME[advisor.retrieval.method])
 
 
 def add_examples(advisor: Advisor, rows: list[Row], index: RetrievalIndex) -> None:
