@@ -45,6 +45,7 @@ from mondrian.evaluate.report import (
     write_report,
 )
 from mondrian.evaluate.rows import EvalRow, load_questions, load_rows
+from mondrian.models import upstream
 from mondrian.models.constrained import SchemaConstraint, list_caps
 from mondrian.models.generation import AdapterSwitch, chat_prompt, generate_batch
 from mondrian.models.sources import ModelCard, ModelError, resolve
@@ -150,9 +151,7 @@ def _generate_and_score(card: ModelCard, adapter: Path | None, advisor: Advisor,
                         data_dir: Path, index: RetrievalIndex | None, config: dict, notes: list[str], *,
                         batch_size: int, max_tokens: int, constrained: bool, seed: int, resamples: int,
                         progress: bool, only: tuple[str, ...] = ()) -> EvalReport:
-    from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
-
-    model, tokenizer = load(card.path, adapter_path=str(adapter) if adapter else None)
+    model, tokenizer = upstream.load_lm(card.path, adapter_path=str(adapter) if adapter else None)
     prompts = [chat_prompt(tokenizer, r.messages) for r in rows]
     prompts += [chat_prompt(tokenizer, m) for m in _case_messages(advisor, index)]
     plan = [BASE] + ([ADAPTER] if adapter else [])

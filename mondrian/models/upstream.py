@@ -9,14 +9,61 @@ installed versions or the behaviour we rely on change.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mondrian.models import cpu_kernels
+
 # What tests/test_upstream.py holds these wrappers to; pyproject.toml pins the same versions.
 CHECKED = {"mlx-lm": "0.32.2", "mlx-vlm": "0.7.10"}
+
+
+def load_lm(path: str, adapter_path: str | None = None) -> tuple[nn.Module, Any]:
+    """`mlx_lm.load(path, adapter_path=)`, with the model's attention and SwiGLU routed
+    through mondrian.models.cpu_kernels (`use_cpu_kernels`). The one way mondrian loads an
+    mlx-lm model; `path` is a local folder (never a hub id: callers resolve it first)."""
+    from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import ~1.5 s
+
+    model, tokenizer = load(path, adapter_path=adapter_path)
+    use_cpu_kernels(model)
+    return model, tokenizer
+
+
+# mlx-lm model modules whose attention calls the module-level `scaled_dot_product_attention(
+# queries, keys, values, cache=, scale=, mask=[, sinks=])` and whose MLP calls `swiglu(gate,
+# x)`: tests/test_cpu_kernels.py checks logits and greedy answers against the stock ones.
+CPU_KERNEL_MODELS = frozenset({"llama", "qwen2"})
+
+
+def use_cpu_kernels(model: nn.Module) -> bool:
+    """Route `model`'s attention and SwiGLU through cpu_kernels wherever those take the inputs
+    (float32 on the CPU device, MONDRIAN_CPU_KERNELS not "off"; checked at each call), and the
+    stock functions elsewhere. Patches the model's module once for the whole process (every
+    model of that type); returns whether the model's type is one patched."""
+    if getattr(getattr(model, "args", None), "model_type", None) not in CPU_KERNEL_MODELS:
+        return False
+    module = sys.modules[type(model).__module__]
+    if getattr(module, "_mondrian_cpu_kernels", False):
+        return True
+    stock_attention, stock_swiglu = module.scaled_dot_product_attention, module.swiglu
+
+    def attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if sinks is None and not hasattr(cache, "bits") and cpu_kernels.supports(queries, keys, mask):
+            return cpu_kernels.attention(queries, keys, values, scale, mask)
+        return stock_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    def swiglu(gate, x):
+        if gate.dtype == mx.float32 and cpu_kernels.active():
+            return cpu_kernels.swiglu(gate, x)
+        return stock_swiglu(gate, x)
+
+    module.scaled_dot_product_attention, module.swiglu = attention, swiglu
+    module._mondrian_cpu_kernels = True
+    return True
 
 
 def apply_vlm_lora_layers(model: nn.Module, config: dict) -> nn.Module:

@@ -36,6 +36,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mondrian.core.adapters import AdapterError, LoraLayout, lora_targets, read_adapter
+from mondrian.models import upstream
 from mondrian.models.decode import DecodeOptions, Decoder, Generation, PrefixCache
 from mondrian.models.generation import chat_prompt, generate_batch
 from mondrian.serve.slots import RowSlots, SlotLoRALinear
@@ -213,9 +214,7 @@ class ModelWorker(ModelThread):
 
     def _run(self) -> None:
         try:
-            from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import ~1.5 s
-
-            self.model, self.tokenizer = load(str(self.path))
+            self.model, self.tokenizer = upstream.load_lm(str(self.path))
             self.model.eval()
             self.model.freeze()
         except BaseException as exc:  # noqa: BLE001 - reported through wait_ready

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mondrian.core.adapters import AdapterError, lora_targets, transformer_blocks, write_adapter
 from mondrian.core.jsonl import read_jsonl
-from mondrian.models import upstream
+from mondrian.models import cpu_kernels, upstream
 from mondrian.train import loop
 from mondrian.train.config import TrainConfig, make_optimizer
 from mondrian.train.distributed import World, fault_injection
@@ -181,11 +181,11 @@ def make_loss(model, answer_only: bool):
         logits = model(inputs)
         if positions is not None:  # the loss positions (several answers per row with answer_turns all)
             logits = logits.reshape(-1, logits.shape[-1])[positions]
-            ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[positions]) * valid
+            ce = cpu_kernels.cross_entropy(logits, targets.reshape(-1)[positions]) * valid
             return ce.astype(mx.float32).sum() / valid.sum(), valid.sum()
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        ce = nn.losses.cross_entropy(logits, targets) * mask
+        ce = cpu_kernels.cross_entropy(logits, targets) * mask
         ntoks = mask.sum()
         return ce.astype(mx.float32).sum() / ntoks, ntoks
 
@@ -196,7 +196,7 @@ def make_loss(model, answer_only: bool):
         flat = hidden.reshape(-1, hidden.shape[-1])[positions]
         logits = head(flat)
         tgt = targets.reshape(-1)[positions]
-        ce = nn.losses.cross_entropy(logits, tgt) * valid
+        ce = cpu_kernels.cross_entropy(logits, tgt) * valid
         ntoks = valid.sum()
         return ce.astype(mx.float32).sum() / ntoks, ntoks
 
@@ -370,8 +370,6 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                stop_after: int | None = None) -> TrainResult:
     """Train a LoRA adapter for a text advisor as configured. `stop_after` ends the process's
     work after that many steps, as a kill would (used to test resume); the run stays resumable."""
-    from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; CLI --help stays fast
-
     data = Path(cfg.data)
     if not data.is_dir():
         raise TrainError(f"data folder {data} does not exist (a path is never looked up on the hub)")
@@ -381,7 +379,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     w = loop.join_world(cfg.batch_size)
     mx.random.seed(cfg.seed)
-    model, tokenizer = load(card.path)
+    model, tokenizer = upstream.load_lm(card.path)
     train_split = load_split(data, "train", tokenizer, cfg.mask_prompt, cfg.answer_turns == "all")
     valid_split = load_split(data, "valid", tokenizer, cfg.mask_prompt)  # scored on the last answer
     preflight(cfg, model, tokenizer, train_split, valid_split)
