@@ -64,6 +64,7 @@ lint: setup
 
 bench: data
 	$(PY) scripts/bench_blas.py
+	$(PY) scripts/bench_cpu_kernels.py
 	$(PY) scripts/bench_link.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_service.py

@@ -1,12 +1,15 @@
 """mondrian.models.cpu_kernels equals the stock MLX ops (values and gradients), and
 upstream.load_lm routes mlx-lm's llama / qwen2 through it without changing what they answer."""
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
 from mondrian.models import cpu_kernels, upstream
+from tests.helpers import run_cli
 
 
 def close(a, b, tol=2e-5):
@@ -114,3 +117,8 @@ def test_smollm2_logits_equal_the_stock_ones(smollm2, monkeypatch):
     stock = model(tokens)
     close(fast, stock, 1e-4)
     assert (mx.argmax(fast, -1) == mx.argmax(stock, -1)).all().item()
+
+
+def test_info_reports_the_kernels():
+    assert json.loads(run_cli("info", "--json").stdout)["cpu_kernels"] is True
+    assert json.loads(run_cli("info", "--json", env={"MONDRIAN_CPU_KERNELS": "off"}).stdout)["cpu_kernels"] is False

