@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mondrian.cli.common import echo_json, fail
+from mondrian.models import upstream
 from mondrian.models.sources import (
     EMBEDDED,
     TINY,
@@ -127,9 +128,8 @@ def generate(model_spec: str, prompt: str, system: str | None, adapter_path: str
 def _generate(path: str, prompt: str, system: str | None, adapter_path: str | None,
               max_tokens: int) -> dict:
     from mlx_lm import generate as lm_generate  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; other commands skip it
-    from mlx_lm import load  # noqa: PLC0415 - heavy: mlx_lm import costs ~1 s; other commands skip it
 
-    model, tokenizer = load(path, adapter_path=adapter_path)
+    model, tokenizer = upstream.load_lm(path, adapter_path=adapter_path)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
