@@ -37,7 +37,7 @@ train: data
 # a hostfile instead of --hosts/-n (README, "Training on several Macs").
 train-dist: data
 	$(VENV)/bin/mlx.launch --backend ring --hosts 127.0.0.1 -n 2 --python $(PY) $(VENV)/bin/mondrian \
-	    train --config lora/fit-query.yaml --adapter-path workspace/runs/fit-query-dist-$$(date +%Y%m%d-%H%M%S)
+	    train --config lora/fit-query-dist.yaml --adapter-path workspace/runs/fit-query-dist-$$(date +%Y%m%d-%H%M%S)
 	$(VENV)/bin/mondrian runs list --db workspace/mondrian.db
 
 # The quality run for the issue-5 targets: all layers, attention + MLP, 600 steps (~1 h on 2 cores).

@@ -378,3 +378,24 @@ def test_mix_alpha_draws_rare_answer_shapes_more_often():
         assert drawn["rare"] / 1000 == pytest.approx(rare_share, abs=0.05)
     with pytest.raises(ConfigError, match="mix_alpha must be a number from 0 to 1"):
         TrainConfig(mix_alpha=2).check()
+
+
+def test_a_shorter_run_replans_the_recipes_cosine_decay():
+    """The demo's 64 steps of the 300-step recipe: the replanned schedule warms up in
+    proportion and ends at the recipe's last rate, where the recipe's own schedule would still
+    be near its peak at step 64 (an adapter trained so ended worse than step 0 in make demo)."""
+    from mlx_lm.tuner.utils import build_schedule
+
+    from mondrian.train.config import scaled_schedule
+
+    recipe = load_config(ROOT / "lora" / "fit-query.yaml")
+    peak, _, last = recipe.lr_schedule["arguments"]
+    short = scaled_schedule(recipe.lr_schedule, recipe.iters, 64)
+    assert short["warmup"] == round(recipe.lr_schedule["warmup"] * 64 / recipe.iters)
+    lr = build_schedule(short)
+    assert float(lr(short["warmup"])) == pytest.approx(peak, rel=1e-6)
+    assert float(lr(64)) == pytest.approx(last, rel=0.05)  # mlx-lm counts the joined steps from 1
+    assert float(build_schedule(recipe.lr_schedule)(64)) > 0.9 * peak
+    assert scaled_schedule(recipe.lr_schedule, recipe.iters, recipe.iters) == recipe.lr_schedule
+    assert scaled_schedule({"name": "linear_schedule", "arguments": [1e-4, 0, 10]}, 300, 64)["arguments"] == [1e-4, 0, 10]
+    assert scaled_schedule(None, 300, 64) is None

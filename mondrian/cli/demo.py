@@ -17,8 +17,8 @@ from mondrian.train.loop import TrainError
 @click.option("--workspace", "folder", default="workspace", show_default=True,
               type=click.Path(file_okay=False), help="Where the demo workspace is (re)built.")
 @ROOT_OPTION
-@click.option("--iters", default=8, show_default=True, type=click.IntRange(1),
-              help="Training steps.")
+@click.option("--iters", type=click.IntRange(1),
+              help="Training steps of round 1  [default: DemoOptions.iters, mondrian/demo/run.py].")
 @click.option("--eval-limit", default=32, show_default=True, type=click.IntRange(1),
               help="Test rows evaluated.")
 @click.option("--requests", "n_requests", default=32, show_default=True, type=click.IntRange(1),
@@ -27,19 +27,19 @@ from mondrian.train.loop import TrainError
               help="Training sequence limit (tiny models' tokenizers need more).")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 2),
               help="2: also the loop's second round (harvest the feedback -> retrain -> A/B again).")
-@click.option("--round2-iters", default=4, show_default=True, type=click.IntRange(1),
-              help="Training steps of the second round's retrain.")
+@click.option("--round2-iters", type=click.IntRange(1),
+              help="Training steps of the second round's retrain  [default: DemoOptions.round2_iters].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
-def demo(model_spec: str, folder: str, root: str | None, iters: int, eval_limit: int,
-         n_requests: int, max_seq_length: int, rounds: int, round2_iters: int, as_json: bool) -> None:
+def demo(model_spec: str, folder: str, root: str | None, iters: int | None, eval_limit: int,
+         n_requests: int, max_seq_length: int, rounds: int, round2_iters: int | None, as_json: bool) -> None:
     """The whole pipeline on the embedded default: demo data -> link -> dataset -> train -> eval
     -> publish -> serve -> A/B traffic with users' feedback -> report; then harvest -> retrain ->
     publish -> A/B again."""
     # heavy: the demo serves (fastapi + uvicorn, ~1 s); `mondrian --help` stays fast
     from mondrian.demo.run import DemoOptions, run_demo  # noqa: PLC0415 - heavy: fastapi + uvicorn
-    opts = DemoOptions(model=model_spec, folder=folder, registry=root, iters=iters,
-                       eval_limit=eval_limit, requests=n_requests, max_seq_length=max_seq_length,
-                       rounds=rounds, round2_iters=round2_iters)
+    steps = {k: v for k, v in (("iters", iters), ("round2_iters", round2_iters)) if v is not None}
+    opts = DemoOptions(model=model_spec, folder=folder, registry=root, eval_limit=eval_limit,
+                       requests=n_requests, max_seq_length=max_seq_length, rounds=rounds, **steps)
     try:
         out = run_demo(opts, lambda line: click.echo(line, err=True))
     except (ModelError, TrainError, ConfigError, RegistryError) as exc:

@@ -43,13 +43,14 @@ from mondrian.serve.config import ServiceConfig
 from mondrian.serve.requests_log import now_iso
 from mondrian.serve.routing import AdvisorRoute, Arm
 from mondrian.serve.service import Service
-from mondrian.train.config import load_config
+from mondrian.train.config import load_config, scaled_schedule
 from mondrian.train.loop import TrainResult
 from mondrian.train.run import train
 from mondrian.train.runs import RunStore
 
 # The LoRA recipe lives in the repository's lora/ folder (recipes are not Python).
 CONFIG = Path(__file__).resolve().parents[2] / "lora" / "fit-query.yaml"
+VAL_ROWS = 8  # validation rows at the first and last step (16 cost ~45 s of a demo)
 ADVISOR = "fit-query"
 TRAFFIC_SEED = 2026  # new questions for the A/B (the workspace's jobs use other seeds)
 
@@ -59,14 +60,14 @@ class DemoOptions:
     model: str = "smollm2-135m"
     folder: str = "workspace"
     registry: str | None = None  # registry root [$MONDRIAN_ADAPTERS or ./adapters]
-    iters: int = 8
+    iters: int = 64  # steps of the recipe's batch (1): 64 rows, as 8 steps of 8 were
     eval_limit: int = 32
     requests: int = 32  # A/B requests per round
     clients: int = 8  # concurrent: the service batches up to 8 rows
     max_tokens: int = 64
     max_seq_length: int = 512
     rounds: int = 2  # 2: the loop's second round (harvest -> retrain -> A/B again)
-    round2_iters: int = 4  # a short retrain: with 8, make demo took 13 min (target 12)
+    round2_iters: int = 24  # a short retrain, so make demo stays within 12 min
 
 
 class _Steps:
@@ -109,10 +110,12 @@ def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Pa
     steps.head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} "
                "(make train runs the full recipe)")
     layers = model_config(Path(card.path)).get("num_hidden_layers", 16)
+    recipe = load_config(CONFIG)
     cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model,
+                               "lr_schedule": scaled_schedule(recipe.lr_schedule, recipe.iters, opts.iters),
                                "data": str(data), "adapter_path": str(run_dir),
                                "db": str(db), "iters": opts.iters, "steps_per_eval": opts.iters,
-                               "save_every": opts.iters, "val_batches": 2,
+                               "save_every": opts.iters, "val_batches": max(1, VAL_ROWS // recipe.batch_size),
                                "max_seq_length": opts.max_seq_length,
                                "init_adapter": str(init_adapter) if init_adapter else None})
     result = train(cfg, progress=True)

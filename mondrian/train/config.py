@@ -115,6 +115,19 @@ class TrainConfig:
         return {k: v for k, v in out.items() if k not in ("db",)}
 
 
+def scaled_schedule(schedule: dict | None, iters: int, to_iters: int) -> dict | None:
+    """A cosine decay (mlx-lm's `lr_schedule`) planned for `iters` steps, replanned for
+    `to_iters`: warmup in proportion, decay over the rest, so a shorter run still ends at the
+    schedule's last rate instead of stopping near its peak. Other schedules are returned as
+    they are."""
+    if not schedule or schedule.get("name") != "cosine_decay" or iters == to_iters:
+        return schedule
+    warmup = round(schedule.get("warmup", 0) * to_iters / iters)
+    args = list(schedule["arguments"])
+    args[1] = max(1, to_iters - warmup)
+    return schedule | {"arguments": args} | ({"warmup": warmup} if "warmup" in schedule else {})
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """A checked TrainConfig from a YAML file, `overrides` (keys as in the file) applied."""
     data = load_yaml(path) | (overrides or {})
