@@ -399,3 +399,30 @@ def test_a_shorter_run_replans_the_recipes_cosine_decay():
     assert scaled_schedule(recipe.lr_schedule, recipe.iters, recipe.iters) == recipe.lr_schedule
     assert scaled_schedule({"name": "linear_schedule", "arguments": [1e-4, 0, 10]}, 300, 64)["arguments"] == [1e-4, 0, 10]
     assert scaled_schedule(None, 300, 64) is None
+
+
+def test_cli_iters_override_replans_the_cosine_schedule(fit_data, tmp_path):
+    """`mondrian train --iters 8` on a config planned for 40 steps: the run's schedule warms up
+    in proportion and decays over the 8 steps (recorded in adapter_config.json), and the rate
+    logged at its last report is the schedule's last, not near the peak."""
+    from click.testing import CliRunner
+
+    from mondrian.cli import cli
+
+    root, data = fit_data
+    schedule = {"name": "cosine_decay", "warmup": 5, "arguments": [2e-3, 35, 1e-5]}
+    config = _config(tmp_path, data, iters=40, lr_schedule=schedule, steps_per_eval=100)
+    res = CliRunner().invoke(cli, ["train", "--config", str(config), "--iters", "8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["iters"] == 8 and saved["lr_schedule"] == schedule | {"warmup": 1, "arguments": [2e-3, 7, 1e-5]}
+    store = RunStore(root / "mondrian.db")
+    try:
+        run = store.list(kind="train")[0]
+        rates = store.metrics(run["run_id"], "learning_rate")
+    finally:
+        store.close()
+    assert run["config"]["lr_schedule"] == saved["lr_schedule"]
+    # the 40-step plan would still be at 1.98e-3 (of a 2e-3 peak) at step 8; the replanned one
+    # logs the rate of its next-to-last updates, well down the decay
+    assert rates and rates[-1][0] == 8 and rates[-1][2] < 0.25 * 2e-3
