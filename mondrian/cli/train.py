@@ -9,7 +9,7 @@ import click
 
 from mondrian.cli.common import RUNS_DB_OPTION, echo_json, fail, open_run_store
 from mondrian.core.config import ConfigError
-from mondrian.train.config import load_config, scaled_schedule
+from mondrian.train.config import load_config
 from mondrian.train.loop import TrainError, TrainResult
 from mondrian.train.plots import loss_curve_svg
 from mondrian.train.run import train
@@ -36,9 +36,6 @@ def train_cmd(config_path: str, resume: bool, iters: int | None, adapter_path: s
     overrides = {k: v for k, v in (("iters", iters), ("adapter_path", adapter_path), ("init_adapter", init_adapter))
                  if v is not None}
     try:
-        if iters is not None:
-            planned = load_config(config_path)
-            overrides["lr_schedule"] = scaled_schedule(planned.lr_schedule, planned.iters, iters)
         cfg = load_config(config_path, overrides)
         result = train(cfg, resume=resume, progress=not (no_progress or as_json))
     except (ConfigError, TrainError) as exc:

@@ -43,7 +43,7 @@ from mondrian.serve.config import ServiceConfig
 from mondrian.serve.requests_log import now_iso
 from mondrian.serve.routing import AdvisorRoute, Arm
 from mondrian.serve.service import Service
-from mondrian.train.config import load_config, scaled_schedule
+from mondrian.train.config import load_config
 from mondrian.train.loop import TrainResult
 from mondrian.train.run import train
 from mondrian.train.runs import RunStore
@@ -110,14 +110,13 @@ def _train(opts: DemoOptions, steps: _Steps, card: ModelCard, data: Path, db: Pa
     steps.head(f"train {ADVISOR}: {opts.iters} steps on {opts.model} "
                "(make train runs the full recipe)")
     layers = model_config(Path(card.path)).get("num_hidden_layers", 16)
-    recipe = load_config(CONFIG)
-    cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model,
-                               "lr_schedule": scaled_schedule(recipe.lr_schedule, recipe.iters, opts.iters),
+    cfg = load_config(CONFIG, {"num_layers": min(16, layers), "model": opts.model,  # iters replans the schedule
                                "data": str(data), "adapter_path": str(run_dir),
                                "db": str(db), "iters": opts.iters, "steps_per_eval": opts.iters,
-                               "save_every": opts.iters, "val_batches": max(1, VAL_ROWS // recipe.batch_size),
+                               "save_every": opts.iters,
                                "max_seq_length": opts.max_seq_length,
                                "init_adapter": str(init_adapter) if init_adapter else None})
+    cfg = replace(cfg, val_batches=max(1, VAL_ROWS // cfg.batch_size))
     result = train(cfg, progress=True)
     steps.say(f"      run {result.run_id}: {result.status}, validation loss "
               f"{result.first_val_loss:.3f} -> {result.best_val_loss:.3f} ({result.seconds:.0f} s)")
