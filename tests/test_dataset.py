@@ -182,8 +182,8 @@ def test_text_rows_load_with_mlx_lm(text_built, fitq, tiny_llama):
         "test.jsonl", "train.jsonl", "valid.jsonl"]
     row = read_split(out, "train")[0]
     assert list(row) == ["messages"]
-    # fit-query retrieves 4 solved examples (earlier turns) before the question
-    assert [m["role"] for m in row["messages"]] == ["system"] + ["user", "assistant"] * 5
+    # fit-query retrieves k solved examples (earlier turns) before the question
+    assert [m["role"] for m in row["messages"]] == ["system"] + ["user", "assistant"] * (fitq.retrieval.k + 1)
     assert row["messages"][0]["content"] == fitq.system_prompt
     answer = json.loads(row["messages"][-1]["content"])
     assert fitq.violations(answer) == [] and fitq.render(answer) == row["messages"][-1]["content"]

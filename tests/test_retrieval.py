@@ -123,20 +123,21 @@ def test_prompt_messages_puts_the_most_similar_example_next_to_the_question():
     roles = [m["role"] for m in messages]
     assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
     assert messages[-1]["content"] == "wind in berkshire"
-    assert messages[-3]["content"] == shown[0].input and messages[-2]["content"] == shown[0].answer
-    assert messages[1]["content"] == shown[1].input
+    # fit-query shows inputs lower-cased (input_case: lower); answers exactly as written
+    assert messages[-3]["content"] == shown[0].input.lower() and messages[-2]["content"] == shown[0].answer
+    assert messages[1]["content"] == shown[1].input.lower()
     # no index, or an image: the plain prompt
     assert prompt_messages(advisor, "wind in berkshire")[0] == advisor.messages("wind in berkshire")
     assert prompt_messages(advisor, "x", index, image=True)[1] == []
 
 
 def test_advisor_yaml_retrieval_block(tmp_path):
-    assert get_advisor(ADV).retrieval == Retrieval(k=4, method="cover")
+    assert get_advisor(ADV).retrieval == Retrieval(k=3, method="cover")
     assert get_advisor("photo-critic").retrieval is None
     src = (Path(get_advisor(ADV).source)).read_text()
     # retrieval is how prompts are built, not what an answer is: the contract's identity stays
     plain = tmp_path / "plain.yaml"
-    plain.write_text(src.replace("retrieval: {k: 4}\n", ""))
+    plain.write_text(src.replace("retrieval: {k: 3}\n", ""))
     assert load_advisor(plain).retrieval is None
     assert load_advisor(plain).fingerprint == get_advisor(ADV).fingerprint
     for bad, message in [("retrieval: {k: 0}", "k must be an integer in 1..32"),
@@ -144,7 +145,7 @@ def test_advisor_yaml_retrieval_block(tmp_path):
                          ("retrieval: {k: 4, method: bm25}", "method must be cover or nearest"),
                          ("retrieval: 4", "must be a mapping")]:
         path = tmp_path / "bad.yaml"
-        path.write_text(src.replace("retrieval: {k: 4}", bad))
+        path.write_text(src.replace("retrieval: {k: 3}", bad))
         with pytest.raises(ConfigError, match=message):
             load_advisor(path)
     photo = Path(get_advisor("photo-critic").source).read_text()
@@ -152,6 +153,29 @@ def test_advisor_yaml_retrieval_block(tmp_path):
     path.write_text(photo + "\nretrieval: {k: 2}\n")
     with pytest.raises(ConfigError, match="only text advisors"):
         load_advisor(path)
+
+
+def test_input_case_lower_shows_typed_inputs_lower_cased_and_is_part_of_the_identity(tmp_path):
+    advisor, index = get_advisor(ADV), _index(k=2)
+    assert advisor.input_case == "lower" and get_advisor("photo-critic").input_case == "as_typed"
+    shouted, shown = prompt_messages(advisor, "WIND IN BERKSHIRE", index)
+    typed, _ = prompt_messages(advisor, "wind in berkshire", index)
+    assert shouted == typed  # same examples, same text: a shouted question reads as a typed one
+    assert [m["content"] for m in shouted[1:-1:2]] == [e.input.lower() for e in reversed(shown)]
+    assert [m["content"] for m in shouted[2:-1:2]] == [e.answer for e in reversed(shown)]  # answers untouched
+    assert any(e.answer != e.answer.lower() for e in shown)  # so the line above can fail
+    src = Path(advisor.source).read_text()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(src.replace("input_case: lower\n", ""))
+    as_typed = load_advisor(plain)
+    assert as_typed.input_case == "as_typed"
+    assert as_typed.messages("WIND IN BERKSHIRE")[-1]["content"] == "WIND IN BERKSHIRE"
+    # the text a model is taught on changes, so the contract's identity does
+    assert as_typed.fingerprint != advisor.fingerprint
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.replace("input_case: lower", "input_case: upper"))
+    with pytest.raises(ConfigError, match="input_case 'upper' must be one of as_typed, lower"):
+        load_advisor(bad)
 
 
 # ---- the dataset
@@ -171,9 +195,10 @@ def test_dataset_writes_the_index_and_every_row_shows_k_examples_not_its_own(dat
     index = RetrievalIndex.load(dataset / INDEX_FILE)
     assert stats["retrieval"]["fingerprint"] == file_sha256(dataset / INDEX_FILE) == index.fingerprint
     assert stats["fingerprints"][INDEX_FILE] == index.fingerprint
-    assert stats["retrieval"]["k"] == 4 and stats["leakage"]["index_examples"] == len(index.examples)
+    k = get_advisor(ADV).retrieval.k
+    assert stats["retrieval"]["k"] == k and stats["leakage"]["index_examples"] == len(index.examples)
     assert stats["retrieval"]["method"] == index.method == COVER  # the advisor's `method: cover` (default)
-    assert "retrieval: k=4" in (dataset / "dataset_stats.md").read_text()
+    assert f"retrieval: k={k}" in (dataset / "dataset_stats.md").read_text()
     train = _rows(dataset / "train.jsonl")
     # one example per distinct train question, and nothing else
     assert {normalize_text(e.input) for e in index.examples} == \
@@ -181,11 +206,11 @@ def test_dataset_writes_the_index_and_every_row_shows_k_examples_not_its_own(dat
     for split in ("train", "valid", "test"):
         for row in _rows(dataset / f"{split}.jsonl"):
             msgs = row["messages"]
-            assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 5
+            assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * (k + 1)
             question = normalize_text(msgs[-2]["content"])
             shown = [normalize_text(m["content"]) for m in msgs[1:-2:2]]
             assert question not in shown  # never its own answer, nor a re-asked copy
-            answers = {e.input: e.answer for e in index.examples}
+            answers = {e.input.lower(): e.answer for e in index.examples}  # shown lower-cased (input_case)
             assert all(answers[m["content"]] == a["content"] for m, a in zip(msgs[1:-2:2], msgs[2:-2:2], strict=True))
     held_out = {normalize_text(r["messages"][-2]["content"])
                 for s in ("valid", "test") for r in _rows(dataset / f"{s}.jsonl")}

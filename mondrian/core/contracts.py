@@ -4,7 +4,8 @@ The shipped advisors live in `mondrian/advisors/*.yaml`; a user adds one by drop
 YAML file of the same shape into a workspace's advisors folder: no code needed. An optional
 `cases` list gives the advisor's critical cases (an input and the output fields it must get
 exactly right), which every evaluation runs. An optional `retrieval: {k: N}` makes its prompts
-carry the N nearest solved training examples (`mondrian.core.retrieval`).
+carry the N nearest solved training examples (`mondrian.core.retrieval`). An optional
+`input_case: lower` shows the model every typed input lower-cased (see `Advisor.messages`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mondrian.core.config import ConfigError, from_dict, load_yaml
 
 BUILTIN_DIR = Path(__file__).parents[1] / "advisors"
 INPUT_KINDS = ("text", "image")
+INPUT_CASES = ("as_typed", "lower")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Advisor:
     # How prompts are built, not what an answer is: not part of the fingerprint either (the
     # index a version uses travels with the version, see mondrian.core.retrieval).
     retrieval: Retrieval | None = None
+    input_case: str = "as_typed"  # "lower": prompts show typed inputs lower-cased (messages)
     _validator: jsonschema.protocols.Validator = field(default=None, repr=False, compare=False)
 
     @property
@@ -75,8 +78,11 @@ class Advisor:
     def fingerprint(self) -> str:
         # Cases are left out: adding a test case must not change the identity of the contract
         # (manifests and datasets are keyed by this fingerprint).
+        # input_case changes the text a model is taught on, so it is part of the identity;
+        # left out at its default so that contracts without it keep their fingerprints.
+        extra = {"input_case": self.input_case} if self.input_case != "as_typed" else {}
         body = json.dumps({"name": self.name, "input_kind": self.input_kind,
-                           "system_prompt": self.system_prompt, "schema": self.schema},
+                           "system_prompt": self.system_prompt, "schema": self.schema, **extra},
                           sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(body.encode()).hexdigest()
 
@@ -100,8 +106,16 @@ class Advisor:
         (input, answer) as earlier turns, then the user's input (an image first, then any
         text). Dataset rows (which add the answer), evaluation and the service all reach it
         through `mondrian.core.retrieval.prompt_messages`, so a model is asked in serving
-        exactly as it was taught."""
+        exactly as it was taught.
+
+        With `input_case: lower`, the input and the examples' inputs are shown lower-cased: an
+        advisor whose answers never depend on letter case is spared learning "DORSET", "Dorset"
+        and "dorset" as three strings (the tokenizer splits each differently, so a shouted
+        place matches no example's place token for token)."""
         text = text if text and text.strip() else None
+        if self.input_case == "lower":
+            text = text.lower() if text else text
+            examples = [(q.lower(), a) for q, a in examples]
         user = ([{"type": "image"}] + ([{"type": "text", "text": text}] if text else [])
                 if image else text or "")
         shots = [m for q, a in examples for m in ({"role": "user", "content": q},
@@ -202,7 +216,7 @@ def load_advisor(path: str | Path) -> Advisor:
     path = Path(path)
     data = load_yaml(path)
     required = {"name", "input_kind", "system_prompt", "schema"}
-    known = required | {"cases", "retrieval"}
+    known = required | {"cases", "retrieval", "input_case"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -211,6 +225,9 @@ def load_advisor(path: str | Path) -> Advisor:
         raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
     if data["input_kind"] not in INPUT_KINDS:
         raise ConfigError(f"{path}: input_kind '{data['input_kind']}' must be one of {', '.join(INPUT_KINDS)}")
+    input_case = data.get("input_case", "as_typed")
+    if input_case not in INPUT_CASES:
+        raise ConfigError(f"{path}: input_case {input_case!r} must be one of {', '.join(INPUT_CASES)}")
     schema = data["schema"]
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
@@ -222,7 +239,7 @@ def load_advisor(path: str | Path) -> Advisor:
     cases = _load_cases(path, data.get("cases", []), schema, cls)
     return Advisor(name=str(data["name"]), input_kind=data["input_kind"],
                    system_prompt=str(data["system_prompt"]).strip(), schema=schema, source=str(path),
-                   cases=cases, retrieval=_load_retrieval(path, data),
+                   cases=cases, retrieval=_load_retrieval(path, data), input_case=input_case,
                    _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
 
 

@@ -109,8 +109,11 @@ SIZE_CLASSES: dict[str, Fields] = {
     "large-scale": {"capacity_min_kw": 500},
 }
 
-MIN_WORDS = ("over", "above", "more than", "at least", "greater than", "bigger than")
-MAX_WORDS = ("under", "below", "less than", "up to", "smaller than", "no more than")
+# A word with "{}" is a template around the amount: "5mw and up", "100kw or less".
+MIN_WORDS = ("over", "above", "more than", "at least", "greater than", "bigger than", ">",
+             "{} and up", "{} or more", "{} plus", "{} and above")
+MAX_WORDS = ("under", "below", "less than", "up to", "smaller than", "no more than", "at most",
+             "<", "max", "{} or less", "{} and under", "{} or smaller")
 KW_UNITS = {  # unit word -> kW per unit
     "kw": 1,
     "kilowatt": 1,

@@ -79,12 +79,17 @@ def to_kw(value: str | int | float, unit: str) -> int | float:
     return int(kw) if kw == kw.to_integral_value() else float(kw)
 
 
+def _bound(word: str, amount: str) -> str:
+    """"over 5mw", or with a template word, "5mw and up" ("{} and up")."""
+    return word.format(amount) if "{}" in word else f"{word} {amount}"
+
+
 def capacity_min(value: str | int | float, unit: str = "kw", word: str = "over") -> Phrase:
-    return f"{word} {value}{unit}", {"capacity_min_kw": to_kw(value, unit)}
+    return _bound(word, f"{value}{unit}"), {"capacity_min_kw": to_kw(value, unit)}
 
 
 def capacity_max(value: str | int | float, unit: str = "kw", word: str = "under") -> Phrase:
-    return f"{word} {value}{unit}", {"capacity_max_kw": to_kw(value, unit)}
+    return _bound(word, f"{value}{unit}"), {"capacity_max_kw": to_kw(value, unit)}
 
 
 RANGE_STYLES = {  # capacity range phrasings
