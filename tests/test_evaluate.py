@@ -325,7 +325,11 @@ def test_batched_answers_equal_one_at_a_time(tiny_setup, tiny_loaded, on):
         peer = batch_generate(model, tok, prompts, max_tokens=12).texts
     finally:
         switch.set(True)
-    assert [g.text for g in gens] == singles == peer
+    texts = [g.text for g in gens]
+    assert texts == peer
+    # mlx_lm.generate's streaming detokenizer drops a leading space of the first token
+    # (trim_space in mlx_lm.tokenizer_utils); batch_generate keeps it, as we do
+    assert [t.removeprefix(" ") for t in texts] == [t.removeprefix(" ") for t in singles]
     assert wall > 0 and all(g.latency_s > 0 and 1 <= g.tokens <= 12 for g in gens)
 
 
