@@ -383,9 +383,10 @@ def test_mix_alpha_draws_rare_answer_shapes_more_often():
 
 
 def test_a_shorter_run_replans_the_recipes_cosine_decay():
-    """The demo's 64 steps of the 300-step recipe: the replanned schedule warms up in
-    proportion and ends at the recipe's last rate, where the recipe's own schedule would still
-    be near its peak at step 64 (an adapter trained so ended worse than step 0 in make demo)."""
+    """A 64-step run of the recipe (the demo's length when this was written): the replanned
+    schedule warms up in proportion and ends at the recipe's last rate, where the recipe's own
+    schedule would still be near its peak at step 64 (an adapter trained so ended worse than
+    step 0 in make demo)."""
     from mlx_lm.tuner.utils import build_schedule
 
     from mondrian.train.config import scaled_schedule

@@ -63,10 +63,11 @@ class Advisor:
     schema: dict
     source: str = ""
     cases: tuple[Case, ...] = ()  # evaluation only: not part of the fingerprint
+    # "lower": prompts show typed inputs lower-cased (messages); part of the fingerprint
+    input_case: str = "as_typed"
     # How prompts are built, not what an answer is: not part of the fingerprint either (the
     # index a version uses travels with the version, see mondrian.core.retrieval).
     retrieval: Retrieval | None = None
-    input_case: str = "as_typed"  # "lower": prompts show typed inputs lower-cased (messages)
     _validator: jsonschema.protocols.Validator = field(default=None, repr=False, compare=False)
 
     @property

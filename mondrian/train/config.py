@@ -132,9 +132,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """A checked TrainConfig from a YAML file, `overrides` (keys as in the file) applied. An
     `iters` override replans the file's cosine schedule to it (`scaled_schedule`) unless the
     overrides give their own `lr_schedule`."""
+    overrides = overrides or {}
     planned = load_yaml(path)
-    data = planned | (overrides or {})
-    if "iters" in (overrides or {}) and "lr_schedule" not in overrides and isinstance(planned.get("iters"), int):
+    data = planned | overrides
+    if "iters" in overrides and "lr_schedule" not in overrides and isinstance(planned.get("iters"), int):
         data["lr_schedule"] = scaled_schedule(planned.get("lr_schedule"), planned["iters"], data["iters"])
     cfg = from_dict(TrainConfig, data, str(path))
     cfg.check()
