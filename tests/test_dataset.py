@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mondrian.core.contracts import Advisor, load_advisors
+from mondrian.core.contracts import Advisor, load_advisors, read_prompt
 from mondrian.core.fingerprint import file_sha256
 from mondrian.dataset import build as ds
 from mondrian.dataset import rows as ds_rows
@@ -178,8 +178,11 @@ def test_text_rows_load_with_mlx_lm(text_built, fitq, tiny_llama):
 
     out, report = text_built
     assert sorted(p.name for p in out.iterdir()) == [
-        "dataset_stats.json", "dataset_stats.md", "index.jsonl", "retrieval_index.json",
+        "dataset_stats.json", "dataset_stats.md", "index.jsonl", "prompt.json", "retrieval_index.json",
         "test.jsonl", "train.jsonl", "valid.jsonl"]
+    # how the rows ask is pinned beside them, and is part of the dataset's identity
+    assert read_prompt(out) == fitq.prompt_settings()
+    assert report.fingerprints["prompt.json"] == file_sha256(out / "prompt.json")
     row = read_split(out, "train")[0]
     assert list(row) == ["messages"]
     # fit-query retrieves k solved examples (earlier turns) before the question

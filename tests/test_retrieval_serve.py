@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from mondrian.core.contracts import get_advisor
+from mondrian.core.contracts import PROMPT_FILE, get_advisor, read_prompt
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import INDEX_FILE, RetrievalIndex
 from mondrian.core.workspace import load_workspace
@@ -66,12 +66,15 @@ def test_train_publish_relink_reindex_serve(tmp_path, tiny_llama):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     result = train(load_config(tmp_path / "cfg.yaml"), progress=False)
     assert file_sha256(Path(result.adapter_path) / INDEX_FILE) == first_index
+    # ... and the prompt its rows were built with
+    assert read_prompt(result.adapter_path) == read_prompt(data) == get_advisor(ADV).prompt_settings()
 
     root = tmp_path / "adapters"
     reg = Registry(root)
     v1 = reg.publish(result.adapter_path, ADV, base_model="tiny:llama",
                      base_model_fingerprint=tiny_llama.fingerprint)
     assert v1.card.retrieval_index == first_index
+    assert v1.card.files[PROMPT_FILE] == file_sha256(data / PROMPT_FILE)
     reg.set_alias(ADV, "production", "v1")
 
     # new jobs about a place no training row mentions: link, rebuild the dataset (and its index)
@@ -89,6 +92,7 @@ def test_train_publish_relink_reindex_serve(tmp_path, tiny_llama):
     v2 = reg.show(ADV, "v2")
     assert (v2.card.parent, v2.card.origin, v2.card.retrieval_index) == ("v1", "reindex", new_index.fingerprint)
     assert v2.card.files["adapters.safetensors"] == v1.card.files["adapters.safetensors"]  # not retrained
+    assert v2.card.files[PROMPT_FILE] == v1.card.files[PROMPT_FILE]  # still asked as it was taught
     assert reg.aliases(ADV)["production"] == "v2"
 
     db = tmp_path / "requests.db"

@@ -17,6 +17,8 @@ from mondrian.cli.common import (
     open_run_store,
     registry_call,
 )
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import read_prompt
 from mondrian.core.retrieval import INDEX_FILE
 from mondrian.registry.fuse import export_fused
 from mondrian.registry.records import Version
@@ -148,9 +150,13 @@ def adapters_list(advisor: str | None, root: str | None, as_json: bool) -> None:
 @ROOT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def adapters_show(advisor: str, ref: str, root: str | None, as_json: bool) -> None:
-    """One version (or alias): its card."""
+    """One version (or alias): its card, and the prompt it is asked with (null: not pinned,
+    i.e. the advisor's current one)."""
     v = registry_call(Registry(root).show, advisor, ref)
-    data = v.to_dict()
+    try:
+        data = {**v.to_dict(), "prompt": read_prompt(v.path)}
+    except ConfigError as exc:
+        fail(exc)
     if as_json:
         echo_json(data)
         return

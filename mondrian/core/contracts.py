@@ -6,6 +6,12 @@ YAML file of the same shape into a workspace's advisors folder: no code needed. 
 exactly right), which every evaluation runs. An optional `retrieval: {k: N}` makes its prompts
 carry the N nearest solved training examples (`mondrian.core.retrieval`). An optional
 `input_case: lower` shows the model every typed input lower-cased (see `Advisor.messages`).
+
+How the model is asked (the system prompt and `input_case`) is pinned: `mondrian dataset` writes
+it beside the rows (`prompt.json`), training copies it into the adapter and publishing into
+the version, and evaluation and the service ask each version with its own (`Advisor.asked_as`),
+as they do with its retrieval index. Editing the YAML then changes what new datasets teach,
+not how versions already published are asked.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +30,8 @@ from mondrian.core.config import ConfigError, from_dict, load_yaml
 BUILTIN_DIR = Path(__file__).parents[1] / "advisors"
 INPUT_KINDS = ("text", "image")
 INPUT_CASES = ("as_typed", "lower")
+PROMPT_FILE = "prompt.json"  # a dataset's, adapter's or version's pinned prompt settings
+PROMPT_KEYS = ("advisor", "system_prompt", "input_case")
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,24 @@ class Advisor:
                           sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(body.encode()).hexdigest()
 
+    def prompt_settings(self) -> dict:
+        """How this advisor asks its model, besides the question and the examples: what
+        PROMPT_FILE holds."""
+        return {"advisor": self.name, "system_prompt": self.system_prompt, "input_case": self.input_case}
+
+    def asked_as(self, settings: dict | None) -> Advisor:
+        """This contract asking with pinned `settings` (read_prompt) instead of its own prompt;
+        the schema stays this one's, since it is what answers are checked and constrained by.
+        None (nothing pinned): this contract as it is."""
+        if settings is None:
+            return self
+        if settings["advisor"] != self.name:
+            raise ConfigError(f"the pinned prompt is advisor {settings['advisor']!r}'s, not {self.name!r}'s")
+        pinned = {k: settings[k] for k in ("system_prompt", "input_case")}
+        if all(getattr(self, k) == v for k, v in pinned.items()):
+            return self
+        return replace(self, **pinned)
+
     def violations(self, obj) -> list[Violation]:
         """Every way `obj` breaks the schema, deepest path first within each error."""
         errors = sorted(self._validator.iter_errors(obj), key=lambda e: (e.json_path, e.message))
@@ -122,6 +148,31 @@ class Advisor:
         shots = [m for q, a in examples for m in ({"role": "user", "content": q},
                                                   {"role": "assistant", "content": a})]
         return [{"role": "system", "content": self.system_prompt}, *shots, {"role": "user", "content": user}]
+
+
+def write_prompt(folder: str | Path, advisor: Advisor) -> None:
+    """Pin `advisor`'s prompt settings in folder/PROMPT_FILE (the folder is being built)."""
+    text = json.dumps(advisor.prompt_settings(), indent=2, ensure_ascii=False) + "\n"
+    (Path(folder) / PROMPT_FILE).write_text(text, encoding="utf-8")
+
+
+def read_prompt(folder: str | Path) -> dict | None:
+    """The prompt settings pinned in `folder` (a dataset, adapter or version); None where none
+    are (made before prompts were pinned, or an imported mlx_lm adapter). A damaged file is a
+    ConfigError naming it."""
+    path = Path(folder) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or sorted(data) != sorted(PROMPT_KEYS) \
+            or not all(isinstance(data[k], str) for k in PROMPT_KEYS):
+        raise ConfigError(f"{path}: must be an object of the strings {', '.join(PROMPT_KEYS)}")
+    if data["input_case"] not in INPUT_CASES:
+        raise ConfigError(f"{path}: input_case {data['input_case']!r} must be one of {', '.join(INPUT_CASES)}")
+    return data
 
 
 def canonical(value):

@@ -28,6 +28,9 @@ Output folder (written under a temp sibling name, then renamed into place):
 - `retrieval_index.json` (advisors with `retrieval:`): the train split's solved examples that
   every row's prompt draws its k examples from (`mondrian.dataset.examples`,
   `mondrian.core.retrieval`); training copies it into the adapter folder.
+- `prompt.json`: the advisor's system prompt and input_case the rows were built with
+  (`mondrian.core.contracts`); training copies it into the adapter folder too, so every
+  version is asked as it was taught, whatever the advisor YAML says later.
 - `index.jsonl`: split, line, job_id and group of every row (links eval results to jobs).
 - `dataset_stats.json` / `dataset_stats.md`: counts, upstream rejections, token lengths,
   truncation, output field distributions, the leakage check and fingerprints.
@@ -60,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from mondrian.core.atomic import atomic_folder
-from mondrian.core.contracts import Advisor
+from mondrian.core.contracts import PROMPT_FILE, Advisor, write_prompt
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
 from mondrian.dataset.examples import add_examples, build_index
@@ -212,7 +215,9 @@ def build_dataset(
             raise LeakageError(leakage)
         tokens, truncated = token_stats(by_split, tokenizer_path, max_seq_length,
                                         advisor.input_kind == "image")
+        write_prompt(tmp, advisor)  # how the rows ask: travels with each adapter trained on them
         files = {f"{s}.jsonl": file_sha256(tmp / f"{s}.jsonl") for s in SPLITS}
+        files[PROMPT_FILE] = file_sha256(tmp / PROMPT_FILE)
         if retrieval:
             files[INDEX_FILE] = retrieval["fingerprint"]
         fingerprints = {**files, INDEX: file_sha256(tmp / INDEX),

@@ -15,7 +15,8 @@ The rows are a dataset split, or a questions file such as the hand-written set. 
 carry retrieved examples exactly as the service builds them: a split's rows as the dataset
 wrote them, questions and the advisor's critical cases (`cases:` in its YAML) through
 `mondrian.core.retrieval.prompt_messages` with the adapter's own index (the dataset's when
-only the base is evaluated; none for an adapter trained without one). They are asked in
+only the base is evaluated; none for an adapter trained without one) and the adapter's own
+pinned prompt (`Advisor.asked_as`; the advisor's current one when it pins none). They are asked in
 the same batches. Scoring and statistics are `mondrian.evaluate.metrics`; the report files
 are `mondrian.evaluate.report`. The run is recorded in the runs database as kind "eval"
 (config, fingerprints, summary) with per-metric rows at step 0.
@@ -32,7 +33,8 @@ from typing import Any
 from tqdm import tqdm
 
 from mondrian.core.adapters import CONFIG, WEIGHTS, AdapterError, read_config
-from mondrian.core.contracts import Advisor
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import Advisor, read_prompt
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex, prompt_messages
 from mondrian.evaluate.metrics import ABS_TOL, REL_TOL, RESAMPLES, EvalError
@@ -105,6 +107,32 @@ def _index(adapter: Path | None, data_dir: Path) -> RetrievalIndex | None:
         return RetrievalIndex.load(path)
     except RetrievalError as exc:
         raise EvalError(str(exc)) from None
+
+
+def _asked(advisor: Advisor, adapter: Path | None, data_dir: Path) -> Advisor:
+    """The advisor asking with the prompt the adapter was trained with (the dataset's for the
+    base alone); as it is when none is pinned."""
+    try:
+        return advisor.asked_as(read_prompt(adapter if adapter is not None else data_dir))
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
+
+
+def _prompt_notes(adapter: Path | None, data_dir: Path, split_rows: bool) -> list[str]:
+    """Say so when the adapter pins no prompt, or a split's rows were built with another."""
+    if adapter is None:
+        return []
+    try:
+        ours, theirs = read_prompt(adapter), read_prompt(data_dir)
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
+    if ours is None:
+        return ["the adapter pins no prompt (its dataset was built before prompts were pinned): "
+                "questions are asked with the advisor's current prompt"]
+    if split_rows and theirs is not None and theirs != ours:
+        return [f"{data_dir}'s rows were built with another prompt (system prompt or input_case) "
+                "than the adapter was trained with"]
+    return []
 
 
 def _answer_arms(model: Any, tokenizer: Any, prompts: list[str], plan: list[str], *,
@@ -200,8 +228,9 @@ def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: 
         raise EvalError(f"advisor {advisor.name}: only text advisors can be evaluated here")
     adapter, adapter_cfg = (None, {}) if adapter_path is None else _adapter_folder(adapter_path)
     index = _index(adapter, data_dir)
+    asked = _asked(advisor, adapter, data_dir)  # same schema; the prompt the adapter was taught with
     if questions is not None:
-        rows, split = load_questions(questions, advisor, index, limit), f"questions:{Path(questions).name}"
+        rows, split = load_questions(questions, asked, index, limit), f"questions:{Path(questions).name}"
         rows_file = Path(questions)
     else:
         rows, rows_file = load_rows(data_dir, split, advisor, limit), data_dir / f"{split}.jsonl"
@@ -213,11 +242,13 @@ def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: 
               "adapter_trained_on": adapter_cfg.get("model"), "data": str(data_dir), "split": split,
               "rows": len(rows), "limit": limit, "dataset_fingerprint": file_sha256(rows_file),
               "retrieval_index": index.fingerprint if index else None,
+              "prompt": asked.prompt_settings(),
               "batch_size": batch_size, "max_tokens": max_tokens, "constrained": constrained,
               "arms": list(arms) or None,
               "decoding": "greedy", "seed": seed, "resamples": resamples,
               "abs_tol": ABS_TOL, "rel_tol": REL_TOL}
     notes = _index_notes(adapter, data_dir, index, questions is None)
+    notes += _prompt_notes(adapter, data_dir, questions is None)
     if adapter_cfg.get("model") and Path(adapter_cfg["model"]).resolve() != Path(card.path).resolve():
         notes.append(f"the adapter was trained on {adapter_cfg['model']}, evaluated on {card.path}")
 
@@ -227,7 +258,7 @@ def evaluate(base_model: str | None, adapter_path: str | Path | None, data_dir: 
     run_id = store.start("eval", advisor.name, config, config["dataset_fingerprint"], spec, card.fingerprint,
                          config["adapter_path"], parent_run_id=_parent_run(adapter) if adapter else None)
     try:
-        report = _generate_and_score(card, adapter, advisor, rows, data_dir, index, config, notes, batch_size=batch_size,
+        report = _generate_and_score(card, adapter, asked, rows, data_dir, index, config, notes, batch_size=batch_size,
                                      max_tokens=max_tokens, constrained=constrained, seed=seed,
                                      resamples=resamples, progress=progress, only=tuple(arms))
         report.run_id = run_id

@@ -15,7 +15,9 @@ Layout (the root defaults to ./adapters, or $MONDRIAN_ADAPTERS):
 `mlx_lm generate --model <base> --adapter-path <root>/<advisor>/vN` works on any version:
 mlx-lm reads its two files and ignores card.json. A version trained with retrieval also holds
 the run's retrieval_index.json (its sha256 is the card's `retrieval_index`); `reindex`
-publishes the same weights with a newer index as the next version.
+publishes the same weights with a newer index as the next version. A version trained on a
+dataset built since prompts were pinned holds its prompt.json (system prompt and input_case,
+`mondrian.core.contracts`), under the card's checksums like every file.
 
 Loaders (eval, the service) call `Registry.resolve`, which verifies every checksum and the
 base-model fingerprint before it returns a folder. This module never imports `lora`: the
@@ -37,6 +39,8 @@ from pathlib import Path
 from mondrian.core.adapters import FILES as ADAPTER_FILES
 from mondrian.core.adapters import AdapterError, check_adapter
 from mondrian.core.atomic import fsync_dir, write_text_atomic
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import PROMPT_FILE, read_prompt
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
 from mondrian.registry.files import copy_hashed, force_rmtree, rename_noreplace
@@ -58,6 +62,18 @@ from mondrian.registry.records import (
     now,
     run_fields,
 )
+
+
+def _check_prompt(src: Path, advisor: str) -> None:
+    """A pinned prompt (prompt.json) must be readable and the advisor's: the service asks the
+    version with it."""
+    try:
+        pinned = read_prompt(src)
+    except ConfigError as exc:
+        raise RegistryError(str(exc)) from None
+    if pinned is not None and pinned["advisor"] != advisor:
+        raise RegistryError(f"{src / PROMPT_FILE}: the prompt is advisor {pinned['advisor']!r}'s; "
+                            f"this version would be {advisor!r}'s")
 
 
 def _check_adapter(folder: str | Path) -> dict:
@@ -266,6 +282,7 @@ class Registry:
             raise RegistryError(f"base_model_fingerprint {base_model_fingerprint!r} is not a sha256 "
                                 "(pass the base model's fingerprint, e.g. mondrian.models.sources.resolve(spec).fingerprint)")
         adapter_config = _check_adapter(src)
+        _check_prompt(src, advisor)
         try:
             metrics = json.loads(json.dumps(metrics or {}, allow_nan=False))
             config = json.loads(json.dumps(config if config is not None else adapter_config,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mondrian.core.config import ConfigError
-from mondrian.core.contracts import Advisor
+from mondrian.core.contracts import Advisor, read_prompt
 from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
 from mondrian.models.constrained import SchemaConstraint
 from mondrian.models.decode import GenerationError
@@ -67,7 +67,11 @@ class ControlPlane:
         self._spec_workers: dict[str, ModelWorker] = {}
         self.served: dict[str, Served] = {}
         self._constraints: dict[tuple[str, str], SchemaConstraint] = {}
-        self._indexes: dict[tuple[str, str], RetrievalIndex | None] = {}  # (advisor, version)
+        # (advisor, version) -> what the version was trained with: its retrieval index and its
+        # pinned prompt settings (None: none; a version published before prompts were pinned
+        # is asked with the advisor's current prompt)
+        self._indexes: dict[tuple[str, str], RetrievalIndex | None] = {}
+        self._prompts: dict[tuple[str, str], dict | None] = {}
         self._pending: set[tuple[str, str]] = set()  # a plan's versions while apply() loads them
         self.routing = RoutingConfig()
         self.routing_mtime: float | None = None
@@ -159,11 +163,14 @@ class ControlPlane:
         try:
             path = self.registry.resolve(advisor, version, worker.fingerprint)
             index = RetrievalIndex.load(path / INDEX_FILE).fit() if (path / INDEX_FILE).is_file() else None
+            pinned = read_prompt(path)
+            self.contracts[advisor].asked_as(pinned)  # refused here if it is another advisor's
             worker.load(advisor, version, path)
-            self._indexes[(advisor, version)] = index
-        except (RegistryError, EngineError, RetrievalError) as exc:
+            self._indexes[(advisor, version)], self._prompts[(advisor, version)] = index, pinned
+        except (RegistryError, EngineError, RetrievalError, ConfigError) as exc:
             raise ServiceError(409, f"refused {advisor} {version}: {exc}") from None
-        self._event("loaded", advisor=advisor, version=version)
+        self._event("loaded", advisor=advisor, version=version,
+                    prompt="pinned" if pinned else "not pinned: the advisor's current prompt")
 
     def apply(self, advisor: str, route: AdvisorRoute | None = None) -> Plan:
         """Resolve an advisor's route (aliases -> versions), load what it needs, then switch to

@@ -1,8 +1,10 @@
 """One request's prompt per version: what each version's model is asked.
 
-A version trained with a retrieval index shows its k nearest examples (mondrian.core.retrieval),
-others and the base show none; a prompt is built once per index, on first use (the assigned
-arm, then a fallback or shadow version only if they run).
+A version is asked with the prompt it was trained with (its pinned system prompt and
+input_case) and, if it was trained with a retrieval index, shows its k nearest examples
+(mondrian.core.retrieval); the base is asked with the advisor's prompt and no examples. A
+prompt is built once per (prompt settings, index), on first use (the assigned arm, then a
+fallback or shadow version only if they run).
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ from mondrian.serve.errors import ServiceError
 from mondrian.serve.vision import VisionRequest, VisionWorker
 
 Prompt = list[int] | VisionRequest
+Asked = Callable[[str | None], tuple[Advisor, RetrievalIndex | None]]
 
 
 class Prompts:
-    def __init__(self, advisor: Advisor, worker: ModelWorker | VisionWorker, text: str, image: bytes | None,
-                 max_tokens: int, index_of: Callable[[str | None], RetrievalIndex | None]):
-        self.advisor, self.worker, self.text, self.image = advisor, worker, text, image
-        self.max_tokens, self.index_of = max_tokens, index_of
-        self._built: dict[int, tuple[Prompt, list[str]]] = {}  # by id(index); 0 = no index
+    def __init__(self, worker: ModelWorker | VisionWorker, text: str, image: bytes | None,
+                 max_tokens: int, asked_of: Asked):
+        self.worker, self.text, self.image = worker, text, image
+        self.max_tokens, self.asked_of = max_tokens, asked_of
+        # by (system prompt, input case, id(index)): versions asked alike share one prompt
+        self._built: dict[tuple, tuple[Prompt, list[str]]] = {}
 
     def _build(self, version: str | None) -> tuple[Prompt, list[str]]:
-        index = self.index_of(version)
-        key = id(index) if index is not None else 0
+        advisor, index = self.asked_of(version)
+        key = (advisor.system_prompt, advisor.input_case, id(index) if index is not None else 0)
         if key not in self._built:
             if isinstance(self.worker, VisionWorker):
-                messages, _ = prompt_messages(self.advisor, self.text, image=True)
+                messages, _ = prompt_messages(advisor, self.text, image=True)
                 self._built[key] = (VisionRequest(self.worker.vision_prompt(messages), self.image), [])
             else:
-                messages, shown = prompt_messages(self.advisor, self.text, index)
+                messages, shown = prompt_messages(advisor, self.text, index)
                 prompt = self.worker.prompt_tokens(messages)
                 if len(prompt) > self.max_tokens:
                     raise ServiceError(413, f"the prompt is {len(prompt)} tokens; the limit is {self.max_tokens}")
@@ -47,6 +51,6 @@ class Prompts:
 
     def examples(self, version: str | None) -> str | None:
         """The job ids of the examples `version`'s prompt showed, as JSON (None: no retrieval)."""
-        if self.index_of(version) is None:
+        if self.asked_of(version)[1] is None:
             return None
         return json.dumps(self._build(version)[1])

@@ -8,7 +8,9 @@ met the advisor's contract. `/v1/chat/completions` is the OpenAI-compatible form
 
 Prompts are built per version by `mondrian.core.retrieval.prompt_messages`: a version whose
 folder holds a retrieval index (it was trained with one) shows its k nearest examples, the
-base and versions without one show none; the row records which examples the answer saw.
+base and versions without one show none; the row records which examples the answer saw. A
+version is asked with the system prompt and input_case it was trained with (its prompt.json,
+`Advisor.asked_as`); answers are checked against the advisor's contract as it is now.
 
 Every routed request's row is committed to the `requests` table before its answer is sent
 (`mondrian.serve.requests_log`, group commit), so an answered request survives a kill -9.
@@ -107,8 +109,8 @@ class Service(ControlPlane):
         raw_key = {"user": user, "image": image_key}.get(plan.sticky)
         sticky_key = hashlib.sha256(raw_key.encode()).hexdigest() if raw_key and plan.sticky == "user" else raw_key
         arm = await self._arm(served, pin, raw_key)
-        prompts = Prompts(served.advisor, served.worker, text, image, self.cfg.max_prompt_tokens,
-                          lambda version: self.index(advisor, version))
+        prompts = Prompts(served.worker, text, image, self.cfg.max_prompt_tokens,
+                          lambda version: self.asked(served.advisor, version))
         prompts.get(arm.version)  # a prompt over the limit is the client's 413, before any decoding
         limit = max_tokens or plan.max_tokens
         request_id = f"req-{uuid.uuid4().hex}"
@@ -172,9 +174,13 @@ class Service(ControlPlane):
             await asyncio.to_thread(self.ensure_loaded, advisor, version, served.worker)
         return ResolvedArm("pinned", pin, version, 0.0)
 
-    def index(self, advisor: str, version: str | None) -> RetrievalIndex | None:
-        """The retrieval index a loaded version was trained with (None: base, or none)."""
-        return self._indexes.get((advisor, version)) if version else None
+    def asked(self, contract: Advisor, version: str | None) -> tuple[Advisor, RetrievalIndex | None]:
+        """How a loaded version is asked: the contract with the prompt the version was trained
+        with, and its retrieval index (the base: the contract as it is, no examples)."""
+        if not version:
+            return contract, None
+        key = (contract.name, version)
+        return contract.asked_as(self._prompts.get(key)), self._indexes.get(key)
 
     async def _decode(self, served: Served, arm: ResolvedArm, prompts: Prompts, limit: int,
                       may_fall_back: bool) -> _Outcome:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mondrian.core.adapters import AdapterError, load_trainable, read_config
 from mondrian.core.atomic import atomic_folder
+from mondrian.core.contracts import PROMPT_FILE
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
 from mondrian.models.sources import ModelCard, ModelError, resolve
@@ -294,20 +295,27 @@ def _report(session: Session, window: dict, step: int, optimizer, bar: tqdm) -> 
     return train_loss
 
 
-def _publish(out: Path, hooks: Hooks, step: int, index: bytes | None) -> None:
+def _publish(out: Path, hooks: Hooks, step: int, carried: dict[str, bytes]) -> None:
     """The final files: out/last holds the last step; the adapter files in `out` itself are
-    the best by validation loss (the last step's where there is no best); `index` is the
-    dataset's retrieval index as the run found it."""
+    the best by validation loss (the last step's where there is no best); `carried` are the
+    dataset's files the adapter keeps, as the run found them (name -> bytes)."""
     with atomic_folder(out / "last") as tmp:
         hooks.save_adapter(tmp, {"step": step})
-        if index is not None:
-            (tmp / INDEX_FILE).write_bytes(index)
+        for name, data in carried.items():
+            (tmp / name).write_bytes(data)
     best = out / "best"
     for name in [n.name for n in (out / "last").iterdir() if n.is_file()]:
         src = best / name if (best / name).exists() else out / "last" / name
         tmp_file = out / f".{name}.tmp"
         tmp_file.write_bytes(src.read_bytes())
         os.replace(tmp_file, out / name)
+
+
+def _carried(data: Path) -> dict[str, bytes]:
+    """What the rows' prompts were built with (the retrieval index, the pinned prompt), read at
+    the start: the adapter keeps them, so it is asked as it was taught. Resume checks the
+    dataset fingerprint, which covers both."""
+    return {name: (data / name).read_bytes() for name in (INDEX_FILE, PROMPT_FILE) if (data / name).is_file()}
 
 
 def _account(state: dict, window: dict, loss: float, weight: int, tokens: int) -> None:
@@ -326,9 +334,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
     `stop_after` ends this process's work after that many steps, as a kill would (tests)."""
     t_start = time.perf_counter()
     store, run_id, state, start = session.store, session.run_id, session.state, session.start
-    # resume checks the dataset fingerprint (which covers the index): these are the run's bytes
-    index_path = Path(cfg.data) / INDEX_FILE
-    index = index_path.read_bytes() if index_path.is_file() else None
+    carried = _carried(Path(cfg.data))
     writer = session.world.writer  # under mlx.launch, rank 0 alone writes files
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {cfg.advisor or ''}".strip(), unit="step",
                disable=not progress or not writer, dynamic_ncols=True)
@@ -385,7 +391,7 @@ def run(cfg, session: Session, out: Path, hooks: Hooks, optimizer, progress: boo
                     status = "interrupted"
                     break
         if writer:
-            _publish(out, hooks, step, index)
+            _publish(out, hooks, step, carried)
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
     except PeerLost as exc:  # another rank died: resumable from the last checkpoint
