@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from mondrian.core.config import ConfigError
-from mondrian.core.workspace import Workspace, load_workspace
+from mondrian.core.contracts import Advisor, load_advisors
+from mondrian.core.workspace import Workspace, holding, load_workspace
 from mondrian.models.sources import ModelCard, ModelError, resolve
 from mondrian.registry.records import RegistryError
 from mondrian.train.runs import RunStore
@@ -23,6 +24,33 @@ ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False),
 RUNS_DB_OPTION = click.option("--db", "db_path", default="workspace/mondrian.db",
                               show_default=True, type=click.Path(dir_okay=False),
                               help="The database holding the runs.")
+
+
+ADVISORS_DIR_OPTION = click.option(
+    "--advisors-dir", "advisors_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+    help="A folder of extra advisor contracts (YAML), such as a workspace's advisors/; repeatable "
+         "(a later file of the same name wins).")
+
+
+def advisors_in(dirs: Sequence[str | Path]) -> dict[str, Advisor]:
+    """The shipped advisors and those in `dirs`; a broken YAML is a clean error naming it."""
+    try:
+        return load_advisors(list(dirs))
+    except ConfigError as exc:
+        fail(exc)
+
+
+def advisor_near(name: str, dirs: Sequence[str], data_dir: Path) -> Advisor:
+    """The named contract: shipped, in `dirs`, or (with none given) in the advisors folder of
+    the workspace holding `data_dir`, where `mondrian dataset` found it."""
+    if not dirs:
+        ws = holding(data_dir)
+        dirs = [str(load_workspace(ws).advisors_path)] if ws is not None else []
+    found = advisors_in([d for d in dirs if Path(d).is_dir()])
+    if name not in found:
+        fail(ConfigError(f"unknown advisor {name!r} (known: {', '.join(sorted(found))}; "
+                         "give --advisors-dir for a workspace's own)"))
+    return found[name]
 
 
 WORKSPACE_OPTION = click.option(

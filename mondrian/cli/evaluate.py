@@ -6,10 +6,17 @@ from pathlib import Path
 
 import click
 
-from mondrian.cli.common import ROOT_OPTION, base_model, echo_json, fail, registry_call
+from mondrian.cli.common import (
+    ADVISORS_DIR_OPTION,
+    ROOT_OPTION,
+    advisor_near,
+    base_model,
+    echo_json,
+    fail,
+    registry_call,
+)
 from mondrian.core.adapters import CONFIG, AdapterError, read_config
 from mondrian.core.config import ConfigError
-from mondrian.core.contracts import get_advisor
 from mondrian.evaluate.run import EvalError, evaluate
 from mondrian.models.decode import GenerationError
 from mondrian.registry.store import Registry
@@ -65,13 +72,14 @@ def _adapter_config(path: Path | None) -> dict:
               help="Runs database [the data's workspace].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Report folder [<db folder>/evals/RUN].")
+@ADVISORS_DIR_OPTION
 @ROOT_OPTION
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None,
              advisor: str | None, split: str, questions: str | None, limit: int | None, batch_size: int,
              max_tokens: int, constrained: bool, arms: str, db_path: str | None, out_dir: str | None,
-             root: str | None, no_progress: bool, as_json: bool) -> None:
+             advisors_dirs: tuple[str, ...], root: str | None, no_progress: bool, as_json: bool) -> None:
     """Base vs adapter on the same rows: compliance, exact match, fields, paired statistics."""
     path, model_spec, advisor = _resolve_adapter(adapter, model_spec, advisor, root)
     cfg = _adapter_config(path)
@@ -79,8 +87,9 @@ def eval_cmd(adapter: str | None, model_spec: str | None, data_dir: str | None,
     data_dir = data_dir or cfg.get("data")
     if not advisor or not data_dir:
         raise click.UsageError("name --advisor and --data (the adapter's config does not say)")
+    contract = advisor_near(advisor, advisors_dirs, Path(data_dir))
     try:
-        report = evaluate(model_spec, path, data_dir, get_advisor(advisor), split=split,
+        report = evaluate(model_spec, path, data_dir, contract, split=split,
                           limit=limit, batch_size=batch_size, max_tokens=max_tokens, db=db_path,
                           out_dir=out_dir, constrained=constrained, questions=questions,
                           arms=tuple(a.strip() for a in arms.split(",") if a.strip()),

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from mondrian.cli.common import WORKSPACE_OPTION, echo_json, fail, open_workspace
+from mondrian.cli.common import (
+    ADVISORS_DIR_OPTION,
+    WORKSPACE_OPTION,
+    advisors_in,
+    echo_json,
+    fail,
+    open_workspace,
+)
 from mondrian.core.contracts import load_advisors
 from mondrian.core.db import VERDICTS, DBError
 from mondrian.link.harvest import SKIP_REASONS, harvest
@@ -23,10 +30,10 @@ from mondrian.serve.feedback import FeedbackStore, Verdict
 @click.option("--user", default="", help="Who judged; one current verdict per (request, user).")
 @click.option("--db", "db_path", default="mondrian.db", show_default=True, type=click.Path(dir_okay=False),
               help="The service's requests database.")
-@click.option("--advisors-dir", type=click.Path(file_okay=False), help="Extra advisor contracts (YAML).")
+@ADVISORS_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the recorded verdict as JSON.")
 def feedback(request_id: str, verdict: str, answer: str | None, user: str, db_path: str,
-             advisors_dir: str | None, as_json: bool) -> None:
+             advisors_dirs: tuple[str, ...], as_json: bool) -> None:
     """Record a verdict on a served request, as POST /v1/requests/{id}/feedback does."""
     if not Path(db_path).is_file():
         fail(DBError(f"{db_path}: no such database (pass --db)"))
@@ -39,7 +46,7 @@ def feedback(request_id: str, verdict: str, answer: str | None, user: str, db_pa
             fail(ValueError(f"--answer {answer}: cannot read it ({exc})"))
         except json.JSONDecodeError as exc:
             fail(ValueError(f"--answer is not JSON ({exc})"))
-    store = FeedbackStore(db_path, load_advisors([advisors_dir] if advisors_dir else []))
+    store = FeedbackStore(db_path, advisors_in(advisors_dirs))
     try:
         out = store.record(request_id, Verdict.from_body(body))
     except ServiceError as exc:

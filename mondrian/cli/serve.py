@@ -10,9 +10,15 @@ from pathlib import Path
 import click
 
 from mondrian.ab.rollout import judge
-from mondrian.cli.common import ROOT_OPTION, base_model, echo_json, fail
+from mondrian.cli.common import (
+    ADVISORS_DIR_OPTION,
+    ROOT_OPTION,
+    advisors_in,
+    base_model,
+    echo_json,
+    fail,
+)
 from mondrian.core.config import ConfigError
-from mondrian.core.contracts import load_advisors
 from mondrian.core.db import PAYLOAD_MODES
 from mondrian.serve.config import ServiceConfig
 from mondrian.serve.errors import ServiceError
@@ -22,6 +28,18 @@ from mondrian.serve.service import Service
 def _resolve_model(spec: str) -> tuple[str, str, str]:
     card = base_model(spec)
     return card.name, card.path, card.fingerprint
+
+
+def _admin_token(token: str | None, token_file: str | None) -> str | None:
+    """--admin-token, or the first line of --admin-token-file (one of them at most)."""
+    if token and token_file:
+        raise click.UsageError("give the admin token one way: --admin-token or --admin-token-file")
+    if token_file:
+        lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise click.ClickException(f"{token_file}: the admin token file is empty")
+    return token
 
 
 def replica_options(fn):
@@ -46,6 +64,7 @@ def replica_options(fn):
               help="Base model spec when the route and the registry do not say.")
 @click.option("--db", "db_path", default="mondrian.db", show_default=True,
               help="SQLite file for the requests table ('' = do not record).")
+@ADVISORS_DIR_OPTION
 @ROOT_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int, help="0 = any free port.")
@@ -74,7 +93,7 @@ def replica_options(fn):
 @click.option("--image-store", type=click.Path(file_okay=False),
               help="Folder for request images under --log-payloads full [request-images/ beside --db].")
 def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str | None,
-          db_path: str, root: str | None, host: str, port: int, admin_token: str | None,
+          db_path: str, advisors_dirs: tuple[str, ...], root: str | None, host: str, port: int, admin_token: str | None,
           admin_token_file: str | None, max_batch: int, prefix_cache_mb: float, rollout_db: str | None,
           rollout_evidence: tuple[str, ...], max_versions: int, ready_file: str | None,
           unconstrained: bool, log_payloads: str, image_store: str | None) -> None:
@@ -82,19 +101,13 @@ def serve(advisors: tuple[str, ...], routing_path: str | None, model_spec: str |
     # heavy: fastapi + uvicorn (~1 s) load only when serving; `mondrian --help` stays fast
     from mondrian.serve.app import run_server  # noqa: PLC0415 - heavy: fastapi + uvicorn
 
-    if admin_token and admin_token_file:
-        raise click.UsageError("give the admin token one way: --admin-token or --admin-token-file")
-    if admin_token_file:
-        lines = Path(admin_token_file).read_text(encoding="utf-8").splitlines()
-        admin_token = lines[0].strip() if lines else ""
-        if not admin_token:
-            raise click.ClickException(f"{admin_token_file}: the admin token file is empty")
+    admin_token = _admin_token(admin_token, admin_token_file)
     cfg = ServiceConfig(registry_root=root, db_path=db_path or None, routing_path=routing_path,
                         advisors=list(advisors), model=model_spec, admin_token=admin_token,
                         max_batch=max_batch, prefix_cache_mb=prefix_cache_mb, max_versions=max_versions,
                         rollout_db=rollout_db, rollout_evidence=list(rollout_evidence), constrained=not unconstrained,
                         log_payloads=log_payloads, image_store=image_store)
-    service = Service(cfg, _resolve_model, load_advisors(), judge=judge)
+    service = Service(cfg, _resolve_model, advisors_in(advisors_dirs), judge=judge)
     try:
         service.start()
     except ServiceError as exc:

@@ -52,3 +52,13 @@ def load_workspace(folder: str | Path = ".") -> Workspace:
     ws = from_dict(Workspace, data, str(config))
     ws.root = str(folder.resolve())
     return ws
+
+
+def holding(path: str | Path) -> Path | None:
+    """The workspace folder holding `path` (the nearest folder up from it with a mondrian.yaml
+    or a mondrian.db), None when there is none."""
+    path = Path(path).resolve()
+    for parent in [path, *path.parents]:
+        if (parent / CONFIG_NAME).is_file() or (parent / "mondrian.db").is_file():
+            return parent
+    return None

@@ -31,6 +31,7 @@ from mondrian.core.atomic import atomic_folder
 from mondrian.core.contracts import PROMPT_FILE
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
+from mondrian.core.workspace import holding
 from mondrian.models.sources import ModelCard, ModelError, resolve
 from mondrian.train.distributed import ALONE, PeerLost, World, check_batch, world
 from mondrian.train.plots import loss_curve_svg
@@ -98,10 +99,8 @@ def runs_db(cfg, data: Path) -> Path:
     """`db` from the config, else the mondrian.db of the workspace that holds the data."""
     if cfg.db:
         return Path(cfg.db)
-    for parent in [data, *data.parents]:
-        if (parent / "mondrian.yaml").is_file() or (parent / "mondrian.db").is_file():
-            return parent / "mondrian.db"
-    return Path("mondrian.db")
+    folder = holding(data)
+    return folder / "mondrian.db" if folder is not None else Path("mondrian.db")
 
 
 def dataset_fingerprint(data: Path) -> str:
