@@ -67,11 +67,11 @@ class ControlPlane:
         self._spec_workers: dict[str, ModelWorker] = {}
         self.served: dict[str, Served] = {}
         self._constraints: dict[tuple[str, str], SchemaConstraint] = {}
-        # (advisor, version) -> what the version was trained with: its retrieval index and its
-        # pinned prompt settings (None: none; a version published before prompts were pinned
-        # is asked with the advisor's current prompt)
+        # (advisor, version) -> what the version was trained with: its retrieval index, and the
+        # contract asking with its pinned prompt (derived once, at load; a version published
+        # before prompts were pinned is asked with the advisor's current prompt)
         self._indexes: dict[tuple[str, str], RetrievalIndex | None] = {}
-        self._prompts: dict[tuple[str, str], dict | None] = {}
+        self._asked: dict[tuple[str, str], Advisor] = {}
         self._pending: set[tuple[str, str]] = set()  # a plan's versions while apply() loads them
         self.routing = RoutingConfig()
         self.routing_mtime: float | None = None
@@ -164,9 +164,9 @@ class ControlPlane:
             path = self.registry.resolve(advisor, version, worker.fingerprint)
             index = RetrievalIndex.load(path / INDEX_FILE).fit() if (path / INDEX_FILE).is_file() else None
             pinned = read_prompt(path)
-            self.contracts[advisor].asked_as(pinned)  # refused here if it is another advisor's
+            asked = self.contracts[advisor].asked_as(pinned)  # refused here if another advisor's
             worker.load(advisor, version, path)
-            self._indexes[(advisor, version)], self._prompts[(advisor, version)] = index, pinned
+            self._indexes[(advisor, version)], self._asked[(advisor, version)] = index, asked
         except (RegistryError, EngineError, RetrievalError, ConfigError) as exc:
             raise ServiceError(409, f"refused {advisor} {version}: {exc}") from None
         self._event("loaded", advisor=advisor, version=version,

@@ -180,7 +180,7 @@ class Service(ControlPlane):
         if not version:
             return contract, None
         key = (contract.name, version)
-        return contract.asked_as(self._prompts.get(key)), self._indexes.get(key)
+        return self._asked.get(key, contract), self._indexes.get(key)
 
     async def _decode(self, served: Served, arm: ResolvedArm, prompts: Prompts, limit: int,
                       may_fall_back: bool) -> _Outcome:
