@@ -60,7 +60,7 @@ class DemoOptions:
     model: str = "smollm2-135m"
     folder: str = "workspace"
     registry: str | None = None  # registry root [$MONDRIAN_ADAPTERS or ./adapters]
-    iters: int = 100  # steps of the recipe's batch (1); ~1.4 s each on 2 cores (3-example prompts)
+    iters: int = 100  # steps of the recipe's batch (1); ~1.4-1.7 s each on 2 cores (3-example prompts)
     eval_limit: int = 32
     requests: int = 32  # A/B requests per round
     clients: int = 8  # concurrent: the service batches up to 8 rows
