@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,9 +14,11 @@ import pytest
 
 from mondrian.core.contracts import Advisor, load_advisors, read_prompt
 from mondrian.core.fingerprint import file_sha256
+from mondrian.core.retrieval import RetrievalIndex, prompt_messages
 from mondrian.dataset import build as ds
 from mondrian.dataset import rows as ds_rows
 from mondrian.dataset.build import LeakageError, build_dataset
+from mondrian.dataset.examples import TWIN
 from mondrian.dataset.leakage import check_leakage
 from mondrian.dataset.report import DatasetReport
 from mondrian.dataset.splits import split_of, validate_ratios
@@ -81,6 +84,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def index(folder: Path) -> dict[str, dict]:
     with open(folder / "index.jsonl") as f:
         return {r["job_id"]: r for r in map(json.loads, f)}
+
+
+def index_rows(folder: Path) -> list[dict]:
+    with open(folder / "index.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def read_split(folder: Path, split: str) -> list[dict]:
@@ -161,11 +169,13 @@ def test_ratios_respected_on_2000_rows(tmp_path, fitq):
     for ratios in [(0.8, 0.1, 0.1), (0.6, 0.25, 0.15)]:
         report = build_dataset(manifest, fitq, tmp_path / "out", None, ratios=ratios)
         total = sum(report.counts.values())
-        assert total == 2000
+        # a held-out question that reads as an earlier split's once rewritten is dropped, counted
+        assert total + report.manifest["dropped"].get(TWIN, {"count": 0})["count"] == 2000
+        assert total >= 1990
         for split, ratio in zip(SPLITS, ratios, strict=True):
             assert abs(report.counts[split] / total - ratio) < 0.03, (split, report.counts)
     report = build_dataset(manifest, fitq, tmp_path / "out", None, ratios=(0.9, 0.1, 0))
-    assert report.counts["test"] == 0 and not report.warnings
+    assert report.counts["test"] == 0 and not [w for w in report.warnings if "empty" in w]
     assert (tmp_path / "out" / "test.jsonl").read_text() == ""
 
 
@@ -335,7 +345,7 @@ def test_case_and_whitespace_variants_share_a_split(tmp_path, fitq):
 # --- leakage ---------------------------------------------------------------------------------
 
 
-def test_leakage_check_fails_on_a_crafted_leak(text_built, tmp_path):
+def test_leakage_check_fails_on_a_crafted_leak(text_built, tmp_path, fitq):
     src, report = text_built
     assert check_leakage(src).ok and report.leakage.ok
     out = tmp_path / "leaky"
@@ -350,9 +360,10 @@ def test_leakage_check_fails_on_a_crafted_leak(text_built, tmp_path):
     assert [g.key for g in leak.leaked] == [normalize_text(question)]
     train_n = sum(normalize_text(r["messages"][-2]["content"]) == normalize_text(question)
                   for r in read_split(out, "train"))
-    # the retrieval index counts as train: its example of this question is one more
-    indexed = json.loads((out / "retrieval_index.json").read_text())["examples"]
-    train_n += sum(normalize_text(e["input"]) == normalize_text(question) for e in indexed)
+    # the retrieval index counts as train, keyed as the rows read: its example is one more
+    index = RetrievalIndex.load(out / "retrieval_index.json")
+    train_n += sum(normalize_text(fitq.shown(e.input, index.speller)) == normalize_text(question)
+                   for e in index.examples)
     assert leak.leaked[0].splits == {"train": train_n, "test": 1}
     assert "1 group(s) in more than one split" in leak.summary()
 
@@ -493,23 +504,57 @@ def test_image_rows_need_a_data_root_and_the_same_bytes(tmp_path, image_setup, c
 # --- the one prompt builder -------------------------------------------------------------------
 
 
-def test_training_rows_ask_exactly_what_the_service_asks(text_built, fitq: Advisor, critic: Advisor):
-    """Every row's prompt is `prompt_messages` of its input with the dataset's index (the
-    builder the service and evaluation use), excluding the row's own group, with the answer
-    appended; images come first, then any text."""
-    from mondrian.core.retrieval import RetrievalIndex, prompt_messages
-    from mondrian.link.linker import text_group
-
+def test_training_rows_ask_exactly_what_the_service_asks(text_built, text_manifest, fitq: Advisor,
+                                                        critic: Advisor):
+    """Every row's prompt is `prompt_messages` of its input as typed with the dataset's index
+    (the builder the service and evaluation use), excluding the row's own group and any
+    example that reads as the row does, with the answer appended; images come first, then
+    any text."""
     out, _ = text_built
     index = RetrievalIndex.load(out / "retrieval_index.json")
-    for line in (out / "train.jsonl").read_text().splitlines()[:50]:
-        msgs = json.loads(line)["messages"]
-        question = msgs[-2]["content"]
-        built, _ = prompt_messages(fitq, question, index, exclude_group=text_group(question))
+    typed = {r["job_id"]: r["input"]["text"] for r in map(json.loads, open(text_manifest / "manifest.jsonl"))
+             if r["status"] == "linked"}
+    where = {(r["split"], r["line"]): r for r in index_rows(out)}
+    for n, line in enumerate((out / "train.jsonl").read_text().splitlines()[:50], 1):
+        msgs, row = json.loads(line)["messages"], where[("train", n)]
+        question = typed[row["job_id"]]
+        alike = {e.group for e in index.examples if normalize_text(fitq.shown(e.input, index.speller))
+                 == normalize_text(fitq.shown(question, index.speller))}
+        built, _ = prompt_messages(fitq, question, index, exclude_groups={row["group"], *alike})
         assert msgs[:-1] == built and msgs[-1]["role"] == "assistant"
+        assert msgs[-2]["content"] == fitq.shown(question, index.speller)
     assert critic.messages(None, image=True)[1]["content"] == [{"type": "image"}]
     assert critic.messages("  ", image=True)[1]["content"] == [{"type": "image"}]
     assert critic.messages("why?", image=True)[1]["content"] == [{"type": "image"},
                                                                 {"type": "text", "text": "why?"}]
     assert fitq.messages("wind in kent") == [{"role": "system", "content": fitq.system_prompt},
                                              {"role": "user", "content": "wind in kent"}]
+
+
+def test_a_held_out_row_that_reads_as_a_train_question_is_dropped_and_counted(tmp_path, fitq):
+    """fit-query shows amounts in kW: "wind 1 mw in kent" and "wind 1000kw in kent" are two
+    groups to the splitter but one question to the model, so the held-out one goes, counted."""
+    assert fitq.input_units is not None and fitq.retrieval is not None
+    rows = text_rows(fitq, 60)
+    pairs = [(f"wind {n} mw in kent", f"wind {n * 1000}kw in kent") for n in range(1, 400)]
+    held, taught = next((a, b) for a, b in pairs  # the first pair the hash puts apart
+                        if split_of(sha_text(a)) != "train" and split_of(sha_text(b)) == "train")
+    answer = {"query_type": "search", "technology": "Wind", "capacity_min_kw": 1000, "postcode_patterns": ["CT", "ME"]}
+    for job_id, q in (("held", held), ("taught", taught)):
+        rows.append(dict(rows[0], job_id=job_id, input={"text": q}, output=answer, group=sha_text(q),
+                         output_sha256=hashlib.sha256(fitq.render(answer).encode()).hexdigest()))
+    report = build_dataset(write_manifest(tmp_path / "m", rows), fitq, tmp_path / "out", None)
+    twins = report.manifest["dropped"][TWIN]
+    assert "held" in twins["job_ids"] and "taught" not in twins["job_ids"]
+    # counts are conserved: every row is kept or dropped with the reason
+    assert report.manifest["linked"] == sum(report.counts.values()) == 62 - twins["count"]
+    assert any(f"{twins['count']} valid/test row(s) dropped" in w for w in report.warnings)
+    kept = index(tmp_path / "out")
+    assert "held" not in kept and kept["taught"]["split"] == "train" and report.leakage.ok
+    # it reads as the train row does (other twins here: held-out questions a train typo mends into)
+    reads = {normalize_text(r["messages"][-2]["content"]) for r in read_split(tmp_path / "out", "train")}
+    assert normalize_text(fitq.shown(held)) == normalize_text(fitq.shown(taught)) in reads
+    # the same rows without the rewriting keep both: typed differently, they are two questions
+    plain = replace(fitq, input_units=None, input_spelling=False)
+    both = build_dataset(write_manifest(tmp_path / "m2", rows), plain, tmp_path / "out2", None)
+    assert TWIN not in both.manifest["dropped"] and "held" in index(tmp_path / "out2")

@@ -1,5 +1,5 @@
 """A version is asked with the prompt it was trained with: the dataset pins the advisor's system
-prompt and input_case (prompt.json), training carries it into the adapter
+prompt and input settings (prompt.json), training carries it into the adapter
 (tests/test_retrieval_serve.py), publishing into the version, and the service and `mondrian
 eval` ask each version with its own, whatever the advisor YAML says now."""
 
@@ -26,12 +26,13 @@ FIT = get_advisor(ADV)
 # what an older YAML said: another system prompt, questions shown as typed
 OLD = replace(FIT, system_prompt="You turn questions about UK Feed-in-Tariff installations into a JSON "
                                  "filter. Capacities are always in kW. Write only the JSON object.",
-              input_case="as_typed")
+              input_case="as_typed", input_units=None, input_spelling=False)
 
 
 def test_prompt_settings_round_trip_and_damage(tmp_path):
     write_prompt(tmp_path, OLD)
-    assert read_prompt(tmp_path) == {"advisor": ADV, "system_prompt": OLD.system_prompt, "input_case": "as_typed"}
+    assert read_prompt(tmp_path) == {"advisor": ADV, "system_prompt": OLD.system_prompt, "input_case": "as_typed",
+                                     "input_units": None, "input_spelling": False}
     assert read_prompt(tmp_path / "nowhere") is None
     asked = FIT.asked_as(read_prompt(tmp_path))
     assert asked.schema == FIT.schema and asked.cases == FIT.cases and asked.retrieval == FIT.retrieval

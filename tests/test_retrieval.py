@@ -4,6 +4,7 @@ check over the index, and the advisor YAML that turns it on."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,9 +124,11 @@ def test_prompt_messages_puts_the_most_similar_example_next_to_the_question():
     roles = [m["role"] for m in messages]
     assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
     assert messages[-1]["content"] == "wind in berkshire"
-    # fit-query shows inputs lower-cased (input_case: lower); answers exactly as written
-    assert messages[-3]["content"] == shown[0].input.lower() and messages[-2]["content"] == shown[0].answer
-    assert messages[1]["content"] == shown[1].input.lower()
+    # fit-query shows inputs lower-cased (input_case: lower) and rewritten (mondrian.core.rewrite,
+    # tests/test_rewrite.py); answers exactly as written
+    assert messages[-3]["content"] == advisor.shown(shown[0].input, index.speller)
+    assert messages[-2]["content"] == shown[0].answer
+    assert messages[1]["content"] == advisor.shown(shown[1].input, index.speller)
     # no index, or an image: the plain prompt
     assert prompt_messages(advisor, "wind in berkshire")[0] == advisor.messages("wind in berkshire")
     assert prompt_messages(advisor, "x", index, image=True)[1] == []
@@ -137,9 +140,12 @@ def test_advisor_yaml_retrieval_block(tmp_path):
     src = (Path(get_advisor(ADV).source)).read_text()
     # retrieval is how prompts are built, not what an answer is: the contract's identity stays
     plain = tmp_path / "plain.yaml"
-    plain.write_text(src.replace("retrieval: {k: 3}\n", ""))
+    plain.write_text(src.replace("retrieval: {k: 3}\n", "").replace("input_spelling: true\n", ""))
     assert load_advisor(plain).retrieval is None
-    assert load_advisor(plain).fingerprint == get_advisor(ADV).fingerprint
+    assert load_advisor(plain).fingerprint == replace(get_advisor(ADV), input_spelling=False).fingerprint
+    plain.write_text(src.replace("retrieval: {k: 3}\n", ""))  # mending words needs the index's words
+    with pytest.raises(ConfigError, match="input_spelling mends words from the retrieval index"):
+        load_advisor(plain)
     for bad, message in [("retrieval: {k: 0}", "k must be an integer in 1..32"),
                          ("retrieval: {k: 4, metric: cosine}", "unknown key"),
                          ("retrieval: {k: 4, method: bm25}", "method must be cover or nearest"),
@@ -161,7 +167,8 @@ def test_input_case_lower_shows_typed_inputs_lower_cased_and_is_part_of_the_iden
     shouted, shown = prompt_messages(advisor, "WIND IN BERKSHIRE", index)
     typed, _ = prompt_messages(advisor, "wind in berkshire", index)
     assert shouted == typed  # same examples, same text: a shouted question reads as a typed one
-    assert [m["content"] for m in shouted[1:-1:2]] == [e.input.lower() for e in reversed(shown)]
+    assert [m["content"] for m in shouted[1:-1:2]] == [advisor.shown(e.input, index.speller) for e in reversed(shown)]
+    assert all(m["content"] == m["content"].lower() for m in shouted[1:-1:2])
     assert [m["content"] for m in shouted[2:-1:2]] == [e.answer for e in reversed(shown)]  # answers untouched
     assert any(e.answer != e.answer.lower() for e in shown)  # so the line above can fail
     src = Path(advisor.source).read_text()
@@ -200,8 +207,9 @@ def test_dataset_writes_the_index_and_every_row_shows_k_examples_not_its_own(dat
     assert stats["retrieval"]["method"] == index.method == COVER  # the advisor's `method: cover` (default)
     assert f"retrieval: k={k}" in (dataset / "dataset_stats.md").read_text()
     train = _rows(dataset / "train.jsonl")
-    # one example per distinct train question, and nothing else
-    assert {normalize_text(e.input) for e in index.examples} == \
+    # one example per distinct train question, and nothing else (rows show questions rewritten)
+    advisor = get_advisor(ADV)
+    assert {normalize_text(advisor.shown(e.input, index.speller)) for e in index.examples} == \
         {normalize_text(r["messages"][-2]["content"]) for r in train}
     for split in ("train", "valid", "test"):
         for row in _rows(dataset / f"{split}.jsonl"):
@@ -210,11 +218,11 @@ def test_dataset_writes_the_index_and_every_row_shows_k_examples_not_its_own(dat
             question = normalize_text(msgs[-2]["content"])
             shown = [normalize_text(m["content"]) for m in msgs[1:-2:2]]
             assert question not in shown  # never its own answer, nor a re-asked copy
-            answers = {e.input.lower(): e.answer for e in index.examples}  # shown lower-cased (input_case)
+            answers = {advisor.shown(e.input, index.speller): e.answer for e in index.examples}  # as shown
             assert all(answers[m["content"]] == a["content"] for m, a in zip(msgs[1:-2:2], msgs[2:-2:2], strict=True))
     held_out = {normalize_text(r["messages"][-2]["content"])
                 for s in ("valid", "test") for r in _rows(dataset / f"{s}.jsonl")}
-    assert held_out and not held_out & {normalize_text(e.input) for e in index.examples}
+    assert held_out and not held_out & {normalize_text(advisor.shown(e.input, index.speller)) for e in index.examples}
 
 
 def test_leakage_check_reads_the_index(dataset, tmp_path):

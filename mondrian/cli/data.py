@@ -114,4 +114,6 @@ def _print_dataset_report(data: dict, max_seq_length: int) -> None:
         over = sum(data["truncated"][k]["count"] for k in ("train", "valid", "test"))
         click.echo(f"tokens (train): p50 {train['p50']}, p95 {train['p95']}, max {train['max']}; "
                    f"{over} rows over max_seq_length {max_seq_length}")
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}")
     click.echo(f"stats: {Path(data['out_dir']) / 'dataset_stats.md'}")

@@ -5,9 +5,11 @@ YAML file of the same shape into a workspace's advisors folder: no code needed. 
 `cases` list gives the advisor's critical cases (an input and the output fields it must get
 exactly right), which every evaluation runs. An optional `retrieval: {k: N}` makes its prompts
 carry the N nearest solved training examples (`mondrian.core.retrieval`). An optional
-`input_case: lower` shows the model every typed input lower-cased (see `Advisor.messages`).
+`input_case: lower` shows the model every typed input lower-cased (see `Advisor.messages`);
+`input_units` and `input_spelling` show its amounts in one unit and its misspelt words mended
+(`mondrian.core.rewrite`).
 
-How the model is asked (the system prompt and `input_case`) is pinned: `mondrian dataset` writes
+How the model is asked (the system prompt and the input settings) is pinned: `mondrian dataset` writes
 it beside the rows (`prompt.json`), training copies it into the adapter and publishing into
 the version, and evaluation and the service ask each version with its own (`Advisor.asked_as`),
 as they do with its retrieval index. Editing the YAML then changes what new datasets teach,
@@ -26,12 +28,15 @@ from pathlib import Path
 import jsonschema
 
 from mondrian.core.config import ConfigError, from_dict, load_yaml
+from mondrian.core.rewrite import Speller, Units, show
 
 BUILTIN_DIR = Path(__file__).parents[1] / "advisors"
 INPUT_KINDS = ("text", "image")
 INPUT_CASES = ("as_typed", "lower")
 PROMPT_FILE = "prompt.json"  # a dataset's, adapter's or version's pinned prompt settings
 PROMPT_KEYS = ("advisor", "system_prompt", "input_case")
+PROMPT_OPTIONAL = ("input_units", "input_spelling")  # absent from files pinned before they existed: off
+_DEFAULTS = {"input_case": "as_typed", "input_units": None, "input_spelling": False}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class Advisor:
     cases: tuple[Case, ...] = ()  # evaluation only: not part of the fingerprint
     # "lower": prompts show typed inputs lower-cased (messages); part of the fingerprint
     input_case: str = "as_typed"
+    # amounts shown in one unit; misspelt words mended from the index's (mondrian.core.rewrite);
+    # both part of the fingerprint, as input_case
+    input_units: Units | None = None
+    input_spelling: bool = False
     # How prompts are built, not what an answer is: not part of the fingerprint either (the
     # index a version uses travels with the version, see mondrian.core.retrieval).
     retrieval: Retrieval | None = None
@@ -87,9 +96,10 @@ class Advisor:
     def fingerprint(self) -> str:
         # Cases are left out: adding a test case must not change the identity of the contract
         # (manifests and datasets are keyed by this fingerprint).
-        # input_case changes the text a model is taught on, so it is part of the identity;
-        # left out at its default so that contracts without it keep their fingerprints.
-        extra = {"input_case": self.input_case} if self.input_case != "as_typed" else {}
+        # input_case and the rewrites change the text a model is taught on, so they are part of
+        # the identity; left out at their defaults so that contracts without them keep theirs.
+        extra = {k: v for k, v in self.prompt_settings().items()
+                 if k in ("input_case", *PROMPT_OPTIONAL) and v != _DEFAULTS[k]}
         body = json.dumps({"name": self.name, "input_kind": self.input_kind,
                            "system_prompt": self.system_prompt, "schema": self.schema, **extra},
                           sort_keys=True, separators=(",", ":"))
@@ -98,7 +108,9 @@ class Advisor:
     def prompt_settings(self) -> dict:
         """How this advisor asks its model, besides the question and the examples: what
         PROMPT_FILE holds."""
-        return {"advisor": self.name, "system_prompt": self.system_prompt, "input_case": self.input_case}
+        return {"advisor": self.name, "system_prompt": self.system_prompt, "input_case": self.input_case,
+                "input_units": self.input_units.to_dict() if self.input_units else None,
+                "input_spelling": self.input_spelling}
 
     def asked_as(self, settings: dict | None) -> Advisor:
         """This contract asking with pinned `settings` (read_prompt) instead of its own prompt;
@@ -108,7 +120,10 @@ class Advisor:
             return self
         if settings["advisor"] != self.name:
             raise ConfigError(f"the pinned prompt is advisor {settings['advisor']!r}'s, not {self.name!r}'s")
-        pinned = {k: settings[k] for k in ("system_prompt", "input_case")}
+        pinned = {"system_prompt": settings["system_prompt"], "input_case": settings["input_case"],
+                  "input_units": Units.check(settings["input_units"], "input_units")
+                  if settings.get("input_units") else None,
+                  "input_spelling": bool(settings.get("input_spelling", False))}
         if all(getattr(self, k) == v for k, v in pinned.items()):
             return self
         return replace(self, **pinned)
@@ -128,7 +143,7 @@ class Advisor:
         return json.dumps(self.normalize(obj), ensure_ascii=False, separators=(",", ":"))
 
     def messages(self, text: str | None = None, image: bool = False,
-                 examples: list[tuple[str, str]] = ()) -> list[dict]:
+                 examples: list[tuple[str, str]] = (), speller: Speller | None = None) -> list[dict]:
         """The chat the advisor's model answers: its system prompt, any solved `examples`
         (input, answer) as earlier turns, then the user's input (an image first, then any
         text). Dataset rows (which add the answer), evaluation and the service all reach it
@@ -138,16 +153,22 @@ class Advisor:
         With `input_case: lower`, the input and the examples' inputs are shown lower-cased: an
         advisor whose answers never depend on letter case is spared learning "DORSET", "Dorset"
         and "dorset" as three strings (the tokenizer splits each differently, so a shouted
-        place matches no example's place token for token)."""
-        text = text if text and text.strip() else None
-        if self.input_case == "lower":
-            text = text.lower() if text else text
-            examples = [(q.lower(), a) for q, a in examples]
+        place matches no example's place token for token). `input_units` and, given the index's
+        `speller`, `input_spelling` rewrite them too (`shown`)."""
+        text = self.shown(text, speller) if text and text.strip() else None
+        examples = [(self.shown(q, speller), a) for q, a in examples]
         user = ([{"type": "image"}] + ([{"type": "text", "text": text}] if text else [])
                 if image else text or "")
         shots = [m for q, a in examples for m in ({"role": "user", "content": q},
                                                   {"role": "assistant", "content": a})]
         return [{"role": "system", "content": self.system_prompt}, *shots, {"role": "user", "content": user}]
+
+    def shown(self, text: str, speller: Speller | None = None) -> str:
+        """A typed input as the model reads it: lower-cased, misspellings mended (with the
+        index's `speller`), then amounts in one unit, as this advisor asks. Idempotent."""
+        return show(text, lower=self.input_case == "lower", units=self.input_units,
+                    speller=speller if self.input_spelling else None)
+
 
 
 def write_prompt(folder: str | Path, advisor: Advisor) -> None:
@@ -167,12 +188,20 @@ def read_prompt(folder: str | Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict) or sorted(data) != sorted(PROMPT_KEYS) \
+    if not isinstance(data, dict) or not set(PROMPT_KEYS) <= set(data) <= {*PROMPT_KEYS, *PROMPT_OPTIONAL} \
             or not all(isinstance(data[k], str) for k in PROMPT_KEYS):
-        raise ConfigError(f"{path}: must be an object of the strings {', '.join(PROMPT_KEYS)}")
+        raise ConfigError(f"{path}: must be an object of the strings {', '.join(PROMPT_KEYS)} "
+                          f"(and optionally {', '.join(PROMPT_OPTIONAL)})")
     if data["input_case"] not in INPUT_CASES:
         raise ConfigError(f"{path}: input_case {data['input_case']!r} must be one of {', '.join(INPUT_CASES)}")
-    return data
+    try:
+        if data.get("input_units") is not None:
+            Units.check(data["input_units"], "input_units")
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(data.get("input_spelling", False), bool):
+        raise ConfigError(f"{path}: input_spelling must be true or false")
+    return {**_DEFAULTS, **data}
 
 
 def canonical(value):
@@ -268,7 +297,7 @@ def load_advisor(path: str | Path) -> Advisor:
     path = Path(path)
     data = load_yaml(path)
     required = {"name", "input_kind", "system_prompt", "schema"}
-    known = required | {"cases", "retrieval", "input_case"}
+    known = required | {"cases", "retrieval", "input_case", *PROMPT_OPTIONAL}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -289,10 +318,29 @@ def load_advisor(path: str | Path) -> Advisor:
     if schema.get("type") != "object":
         raise ConfigError(f"{path}: schema must describe a JSON object (type: object)")
     cases = _load_cases(path, data.get("cases", []), schema, cls)
+    retrieval = _load_retrieval(path, data)
+    units, spelling = _load_rewrites(path, data, retrieval)
     return Advisor(name=str(data["name"]), input_kind=data["input_kind"],
                    system_prompt=str(data["system_prompt"]).strip(), schema=schema, source=str(path),
-                   cases=cases, retrieval=_load_retrieval(path, data), input_case=input_case,
-                   _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+                   cases=cases, retrieval=retrieval, input_case=input_case, input_units=units,
+                   input_spelling=spelling, _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+
+
+def _load_rewrites(path: Path, data: dict, retrieval: Retrieval | None) -> tuple[Units | None, bool]:
+    units, spelling = data.get("input_units"), data.get("input_spelling", False)
+    if (units is not None or spelling) and data["input_kind"] != "text":
+        raise ConfigError(f"{path}: input_units and input_spelling rewrite typed text; this advisor takes "
+                          f"{data['input_kind']}")
+    try:
+        units = Units.check(units, "input_units") if units is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(spelling, bool):
+        raise ConfigError(f"{path}: input_spelling must be true or false, got {spelling!r}")
+    if spelling and retrieval is None:
+        raise ConfigError(f"{path}: input_spelling mends words from the retrieval index's questions; "
+                          "add retrieval: {k: N}")
+    return units, spelling
 
 
 def _load_retrieval(path: Path, data: dict) -> Retrieval | None:

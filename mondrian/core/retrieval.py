@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import numpy as np
 
 from mondrian.core.atomic import write_text_atomic
 from mondrian.core.contracts import Advisor
+from mondrian.core.rewrite import Speller
 
 INDEX_FILE = "retrieval_index.json"
 FORMAT = "mondrian-retrieval/1"
@@ -73,6 +75,7 @@ class RetrievalIndex:
         self.examples, self.k, self.method = list(examples), k, method
         self._vectorizer: Any = None
         self._matrix: Any = None
+        self._speller: Speller | None = None
 
     # ---- identity and files
 
@@ -117,6 +120,13 @@ class RetrievalIndex:
             return cls(examples, data.get("k"), data.get("method"))
         except RetrievalError as exc:
             raise RetrievalError(f"{path}: {exc}") from None
+
+    @property
+    def speller(self) -> Speller:
+        """The words of the indexed questions, for an advisor with `input_spelling`."""
+        if self._speller is None:
+            self._speller = Speller(e.input for e in self.examples)
+        return self._speller
 
     # ---- the query
 
@@ -173,12 +183,14 @@ def _cover(matrix: Any, query: Any, pool: list[int], k: int) -> list[int]:
 
 
 def prompt_messages(advisor: Advisor, text: str | None, index: RetrievalIndex | None = None, *,
-                    image: bool = False, exclude_group: str | None = None) -> tuple[list[dict], list[Example]]:
+                    image: bool = False, exclude_groups: Collection[str] = ()) -> tuple[list[dict], list[Example]]:
     """The chat a model answers for `text`, and the examples it shows. The one prompt builder
     of training rows, evaluation and the service: without an index (or for an image) it is
     `advisor.messages`; with one, its chosen solved examples come first as earlier turns."""
     examples: list[Example] = []
     if index is not None and not image and text and text.strip():
-        examples = index.nearest(text, exclude_groups={exclude_group} if exclude_group else frozenset())
+        examples = index.nearest(text, exclude_groups=frozenset(exclude_groups))
     shots = [(e.input, e.answer) for e in reversed(examples)]  # most similar next to the question
-    return advisor.messages(text, image=image, examples=shots), examples
+    # retrieval matched the question as typed; the model reads it as the advisor shows it
+    speller = index.speller if index is not None and advisor.input_spelling else None
+    return advisor.messages(text, image=image, examples=shots, speller=speller), examples

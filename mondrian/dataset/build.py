@@ -28,7 +28,7 @@ Output folder (written under a temp sibling name, then renamed into place):
 - `retrieval_index.json` (advisors with `retrieval:`): the train split's solved examples that
   every row's prompt draws its k examples from (`mondrian.dataset.examples`,
   `mondrian.core.retrieval`); training copies it into the adapter folder.
-- `prompt.json`: the advisor's system prompt and input_case the rows were built with
+- `prompt.json`: the advisor's system prompt and input settings the rows were built with
   (`mondrian.core.contracts`); training copies it into the adapter folder too, so every
   version is asked as it was taught, whatever the advisor YAML says later.
 - `index.jsonl`: split, line, job_id and group of every row (links eval results to jobs).
@@ -66,7 +66,7 @@ from mondrian.core.atomic import atomic_folder
 from mondrian.core.contracts import PROMPT_FILE, Advisor, write_prompt
 from mondrian.core.fingerprint import file_sha256, folder_fingerprint
 from mondrian.core.retrieval import INDEX_FILE
-from mondrian.dataset.examples import add_examples, build_index
+from mondrian.dataset.examples import TWIN, add_examples, build_index, held_out_twins
 from mondrian.dataset.leakage import LeakageReport, check_leakage
 from mondrian.dataset.report import FORMAT, DatasetReport, render_markdown
 from mondrian.dataset.rows import IMAGES, DatasetError, Row, collect_rows, read_manifest
@@ -175,6 +175,20 @@ def _by_split(rows: list[Row], info: dict[str, Any], advisor: Advisor, manifest_
     return by_split, warnings
 
 
+def _drop(rows: list[Row], by_split: dict[str, list[Row]], info: dict[str, Any], gone: list[Row],
+          reason: str) -> list[Row]:
+    """`rows` less `gone`, which the manifest outcome counts as dropped here for `reason`."""
+    if not gone:
+        return rows
+    ids = {id(r) for r in gone}
+    for s in SPLITS:
+        by_split[s] = [r for r in by_split[s] if id(r) not in ids]
+    info["linked"] -= len(gone)
+    info["dropped"] = dict(sorted({**info["dropped"], reason: {
+        "count": len(gone), "job_ids": sorted(r.job_id for r in gone)}}.items()))
+    return [r for r in rows if id(r) not in ids]
+
+
 def build_dataset(
     manifest_dir: str | os.PathLike[str],
     advisor: Advisor,
@@ -202,6 +216,9 @@ def build_dataset(
     by_split, warnings = _by_split(rows, info, advisor, manifest_path, r)
     index = build_index(advisor, by_split["train"]) if advisor.retrieval else None
     if index is not None:
+        twins = held_out_twins(advisor, index, rows)
+        rows = _drop(rows, by_split, info, twins, TWIN)
+        warnings += [f"{len(twins)} valid/test row(s) dropped: {TWIN}"] if twins else []
         add_examples(advisor, rows, index)
 
     with atomic_folder(target) as tmp:
@@ -210,12 +227,12 @@ def build_dataset(
         if index is not None:
             retrieval = {"k": index.k, "method": index.method, "examples": len(index.examples),
                          "file": INDEX_FILE, "fingerprint": index.save(tmp / INDEX_FILE)}
-        leakage = check_leakage(tmp)
+        write_prompt(tmp, advisor)  # how the rows ask: travels with each adapter trained on them
+        leakage = check_leakage(tmp)  # reads the prompt: it keys the index as the rows read
         if not leakage.ok:
             raise LeakageError(leakage)
         tokens, truncated = token_stats(by_split, tokenizer_path, max_seq_length,
                                         advisor.input_kind == "image")
-        write_prompt(tmp, advisor)  # how the rows ask: travels with each adapter trained on them
         files = {f"{s}.jsonl": file_sha256(tmp / f"{s}.jsonl") for s in SPLITS}
         files[PROMPT_FILE] = file_sha256(tmp / PROMPT_FILE)
         if retrieval:

@@ -3,7 +3,10 @@
 `check_leakage` reads the written split files only: nothing from the manifest is trusted, so a
 buggy splitter or a hand-edited folder is caught the same way. A row is keyed by its question
 (the last user turn: earlier turns are retrieved examples). The retrieval index counts as the
-train split: an index example whose input is a valid or test question is a leak too.
+train split: an index example whose input is a valid or test question is a leak too. Rows hold
+questions as the model reads them (the pinned prompt's input settings: lower-cased, amounts in
+one unit, misspellings mended), so index examples are keyed in the same form: two questions
+typed differently that a model reads alike ("1 MW", "1000kw") are one group here.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import read_prompt
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
+from mondrian.core.rewrite import Units, show
 from mondrian.dataset.splits import SPLITS
 from mondrian.link.linker import normalize_text  # one definition of "the same input"
 
@@ -81,11 +87,14 @@ def _index_keys(out: Path, where: dict[str, Counter[str]], problems: list[str]) 
         return None
     try:
         index = RetrievalIndex.load(out / INDEX_FILE)
-    except RetrievalError as exc:
+        pinned = read_prompt(out) or {}
+    except (RetrievalError, ConfigError) as exc:
         problems.append(str(exc))
         return 0
+    units = Units.check(pinned["input_units"], "input_units") if pinned.get("input_units") else None
+    speller = index.speller if pinned.get("input_spelling") else None
     for example in index.examples:
-        key = normalize_text(example.input)
+        key = normalize_text(show(example.input, units=units, speller=speller))  # as the rows show it
         if key:
             where.setdefault(key, Counter())["train"] += 1
     return len(index.examples)

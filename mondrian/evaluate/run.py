@@ -130,7 +130,7 @@ def _prompt_notes(adapter: Path | None, data_dir: Path, split_rows: bool) -> lis
         return ["the adapter pins no prompt (trained on a dataset built before prompts were pinned, "
                 "or by plain mlx_lm): questions are asked with the advisor's current prompt"]
     if split_rows and theirs is not None and theirs != ours:
-        return [f"{data_dir}'s rows were built with another prompt (system prompt or input_case) "
+        return [f"{data_dir}'s rows were built with another prompt (system prompt or input settings) "
                 "than the adapter was trained with"]
     return []
 

@@ -16,7 +16,7 @@ Layout (the root defaults to ./adapters, or $MONDRIAN_ADAPTERS):
 mlx-lm reads its two files and ignores card.json. A version trained with retrieval also holds
 the run's retrieval_index.json (its sha256 is the card's `retrieval_index`); `reindex`
 publishes the same weights with a newer index as the next version. A version trained on a
-dataset built since prompts were pinned holds its prompt.json (system prompt and input_case,
+dataset built since prompts were pinned holds its prompt.json (system prompt and input settings,
 `mondrian.core.contracts`), under the card's checksums like every file.
 
 Loaders (eval, the service) call `Registry.resolve`, which verifies every checksum and the

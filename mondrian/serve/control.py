@@ -165,6 +165,9 @@ class ControlPlane:
             index = RetrievalIndex.load(path / INDEX_FILE).fit() if (path / INDEX_FILE).is_file() else None
             pinned = read_prompt(path)
             asked = self.contracts[advisor].asked_as(pinned)  # refused here if another advisor's
+            if asked.input_spelling and index is not None:
+                index.speller.warm()
+            asked.shown("1 mw")  # loads what rewriting needs (text2num) before a request does
             worker.load(advisor, version, path)
             self._indexes[(advisor, version)], self._asked[(advisor, version)] = index, asked
         except (RegistryError, EngineError, RetrievalError, ConfigError) as exc:

@@ -1,7 +1,7 @@
 """One request's prompt per version: what each version's model is asked.
 
 A version is asked with the prompt it was trained with (its pinned system prompt and
-input_case) and, if it was trained with a retrieval index, shows its k nearest examples
+input settings) and, if it was trained with a retrieval index, shows its k nearest examples
 (mondrian.core.retrieval); the base is asked with the advisor's prompt and no examples. A
 prompt is built once per (prompt settings, index), on first use (the assigned arm, then a
 fallback or shadow version only if they run).
@@ -27,12 +27,12 @@ class Prompts:
                  max_tokens: int, asked_of: Asked):
         self.worker, self.text, self.image = worker, text, image
         self.max_tokens, self.asked_of = max_tokens, asked_of
-        # by (system prompt, input case, id(index)): versions asked alike share one prompt
+        # by (prompt settings, id(index)): versions asked alike share one prompt
         self._built: dict[tuple, tuple[Prompt, list[str]]] = {}
 
     def _build(self, version: str | None) -> tuple[Prompt, list[str]]:
         advisor, index = self.asked_of(version)
-        key = (advisor.system_prompt, advisor.input_case, id(index) if index is not None else 0)
+        key = (json.dumps(advisor.prompt_settings(), sort_keys=True), id(index) if index is not None else 0)
         if key not in self._built:
             if isinstance(self.worker, VisionWorker):
                 messages, _ = prompt_messages(advisor, self.text, image=True)

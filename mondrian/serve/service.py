@@ -9,7 +9,7 @@ met the advisor's contract. `/v1/chat/completions` is the OpenAI-compatible form
 Prompts are built per version by `mondrian.core.retrieval.prompt_messages`: a version whose
 folder holds a retrieval index (it was trained with one) shows its k nearest examples, the
 base and versions without one show none; the row records which examples the answer saw. A
-version is asked with the system prompt and input_case it was trained with (its prompt.json,
+version is asked with the system prompt and input settings it was trained with (its prompt.json,
 `Advisor.asked_as`); answers are checked against the advisor's contract as it is now.
 
 Every routed request's row is committed to the `requests` table before its answer is sent

@@ -1,0 +1,132 @@
+"""How a typed question is shown to the model (mondrian.core.rewrite): amounts in one unit,
+misspelt words mended from the index's questions; pinned with the prompt, refused when broken."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mondrian.core.config import ConfigError
+from mondrian.core.contracts import (
+    PROMPT_FILE,
+    get_advisor,
+    load_advisor,
+    read_prompt,
+    write_prompt,
+)
+from mondrian.core.retrieval import Example, RetrievalIndex, prompt_messages
+from mondrian.core.rewrite import MIN_COUNT, Speller, Units
+
+FIT = get_advisor("fit-query")
+KW = Units.check({"to": "kw", "factors": {"kw": 1, "kilowatts": 1, "mw": 1000, "megawatts": 1000, "megawatt": 1000}},
+                 "test")
+
+
+@pytest.mark.parametrize("typed, shown", [
+    ("hydro bigger than 1MW", "hydro bigger than 1000 kw"),
+    ("pv in cornwall 1.5 MW or more", "pv in cornwall 1500 kw or more"),
+    ("0.5mw or less", "500 kw or less"),
+    ("ad plants between 0.5 and 1.2 MW", "ad plants between 500 and 1200 kw"),  # the range shares its unit
+    ("from 5 to 10 mw", "from 5000 to 10000 kw"),
+    ("pv 50-100kw derbyshire", "pv 50-100 kw derbyshire"),
+    ("between 10kW and 0.25MW", "between 10 kw and 250 kw"),
+    ("at least 1,500 kW", "at least 1500 kw"),
+    ("three megawatt plus wind", "3000 kw plus wind"),  # number words first (text2num)
+    ("2.5 megawatts in the highlands", "2500 kw in the highlands"),
+    ("fit id 1585", "fit id 1585"),  # no unit: not an amount
+    ("solar 100kwh", "solar 100kwh"),  # another unit: left alone
+    ("any one of them", "any one of them"),
+])
+def test_units_show_every_amount_in_one_unit(typed, shown):
+    assert KW.rewrite(typed) == shown
+
+
+@given(st.lists(st.one_of(st.from_regex(r"\A[0-9]{1,5}(\.[0-9]{1,3})?\Z"), st.sampled_from(
+    ["kw", "mw", "MW", "megawatts", " ", "and", "-", "to", "solar", ",", "1,500", "0.25"])), max_size=12))
+def test_units_rewrite_is_idempotent(parts):
+    once = KW.rewrite(" ".join(parts))
+    assert KW.rewrite(once) == once
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"to": "kw"}, "must be a mapping of to"),
+    ({"to": "", "factors": {"kw": 1}}, "to must be a unit"),
+    ({"to": "kw", "factors": {}}, "factors must map"),
+    ({"to": "kw", "factors": {"k w": 1}}, "is not a word"),
+    ({"to": "kw", "factors": {"mw": 0}}, "not a positive number"),
+    ({"to": "kw", "factors": {"mw": True}}, "not a positive number"),
+])
+def test_units_refuse_a_bad_setting(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Units.check(bad, "input_units")
+
+
+def _questions() -> list[str]:
+    common = ["wind sites in kent", "solar and wind in leeds", "and what about lincolnshire wind",
+              "power stations in lincolnshire", "solar power in kent", "wind power in leeds"]
+    return common * MIN_COUNT + ["solar in kenf", "lower than 5 kw power"]
+
+
+def test_speller_mends_rare_unknown_words_from_common_ones():
+    sp = Speller(_questions())
+    assert sp.mend("Wind in Kenf") == "Wind in kent"  # seen once, one edit from a common word
+    assert sp.mend("eeds wnd") == "leeds wind"  # a dropped letter beats a changed one ("and")
+    assert sp.mend("lincolnshre") == "lincolnshire"
+    assert sp.mend("lower power") == "lower power"  # an English word stays, however rare here
+    assert sp.mend("pv ad xyzzy") == "pv ad xyzzy"  # short words, and words near nothing, stay
+    assert sp.mend("kennt") == "kent"
+    assert Speller([]).mend("kenf") == "kenf"  # an empty index knows no words
+
+
+def _advisor(tmp_path, **extra) -> object:
+    path = tmp_path / "a.yaml"
+    body = {"name": "a", "input_kind": "text", "system_prompt": "s",
+            "schema": {"type": "object", "properties": {"x": {"type": "string"}}}, **extra}
+    path.write_text(json.dumps(body))
+    return load_advisor(path)
+
+
+def test_advisor_yaml_settings_are_checked(tmp_path):
+    adv = _advisor(tmp_path, retrieval={"k": 2}, input_units=KW.to_dict(), input_spelling=True)
+    assert adv.input_units == KW and adv.input_spelling
+    assert adv.fingerprint != replace(adv, input_units=None).fingerprint != replace(adv, input_spelling=False).fingerprint
+    plain = _advisor(tmp_path)
+    assert plain.input_units is None and not plain.input_spelling
+    with pytest.raises(ConfigError, match=r"a\.yaml: input_spelling mends words from the retrieval index"):
+        _advisor(tmp_path, input_spelling=True)
+    with pytest.raises(ConfigError, match=r"a\.yaml: input_units: factors: mw: 'x' is not a positive number"):
+        _advisor(tmp_path, input_units={"to": "kw", "factors": {"mw": "x"}})
+    with pytest.raises(ConfigError, match="input_spelling must be true or false"):
+        _advisor(tmp_path, retrieval={"k": 2}, input_spelling="yes")
+    with pytest.raises(ConfigError, match="rewrite typed text"):
+        _advisor(tmp_path, input_kind="image", input_units=KW.to_dict())
+
+
+def test_prompt_shows_question_and_examples_rewritten_and_retrieves_as_typed():
+    index = RetrievalIndex([Example(q, '{"query_type":"search"}', f"g{i}") for i, q in enumerate(_questions())], 2)
+    messages, shown = prompt_messages(FIT, "Wind in KENF over 0.5 MW", index)
+    assert messages[-1]["content"] == "wind in kent over 500 kw"
+    assert [m["content"] for m in messages[1:-1:2]] == [FIT.shown(e.input, index.speller) for e in reversed(shown)]
+    assert shown == index.nearest("Wind in KENF over 0.5 MW")  # retrieval saw the question as typed
+    asked = FIT.asked_as({**FIT.prompt_settings(), "input_units": None, "input_spelling": False})
+    assert prompt_messages(asked, "Wind in KENF over 0.5 MW", index)[0][-1]["content"] == "wind in kenf over 0.5 mw"
+
+
+def test_pinned_settings_round_trip_and_older_files_read_as_off(tmp_path):
+    write_prompt(tmp_path, FIT)
+    assert read_prompt(tmp_path) == FIT.prompt_settings() and FIT.asked_as(read_prompt(tmp_path)) is FIT
+    older = {k: FIT.prompt_settings()[k] for k in ("advisor", "system_prompt", "input_case")}
+    (tmp_path / PROMPT_FILE).write_text(json.dumps(older))
+    asked = FIT.asked_as(read_prompt(tmp_path))  # pinned before these settings: asked without them
+    assert asked.input_units is None and not asked.input_spelling
+    assert asked.shown("Solar 1 MW in Kenf", Speller(_questions())) == "solar 1 mw in kenf"
+    for bad, match in (({"input_units": {"to": "kw"}}, "must be a mapping of to"),
+                       ({"input_spelling": "yes"}, "input_spelling must be true or false"),
+                       ({"input_other": 1}, "optionally input_units")):
+        (tmp_path / PROMPT_FILE).write_text(json.dumps({**older, **bad}))
+        with pytest.raises(ConfigError, match=match):
+            read_prompt(tmp_path)
