@@ -68,13 +68,13 @@ def reference(registry, tiny_llama) -> dict:
     from mondrian.core.contracts import get_advisor
     from mondrian.models.generation import chat_prompt
 
-    system = get_advisor(ADV).system_prompt
+    advisor = get_advisor(ADV)  # these versions pin no prompt: asked as the advisor asks now
     out = {}
     for version in (None, "v1", "v2", "v3"):
         model, tok = load(str(tiny_llama.path), adapter_path=str(registry / ADV / version) if version else None)
         out[version] = {}
         for q in QUESTIONS:
-            prompt = chat_prompt(tok, [{"role": "system", "content": system}, {"role": "user", "content": q}])
+            prompt = chat_prompt(tok, advisor.messages(q))  # "5kw" reads "5 kw" (input_units)
             tokens = [r.token for r in stream_generate(model, tok, prompt, max_tokens=MAX_TOKENS)
                       if r.token not in tok.eos_token_ids]
             out[version][q] = tok.decode(tokens)
