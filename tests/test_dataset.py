@@ -555,6 +555,6 @@ def test_a_held_out_row_that_reads_as_a_train_question_is_dropped_and_counted(tm
     reads = {normalize_text(r["messages"][-2]["content"]) for r in read_split(tmp_path / "out", "train")}
     assert normalize_text(fitq.shown(held)) == normalize_text(fitq.shown(taught)) in reads
     # the same rows without the rewriting keep both: typed differently, they are two questions
-    plain = replace(fitq, input_units=None, input_spelling=False)
+    plain = replace(fitq, input_units=None, input_spelling=False, input_synonyms=None)
     both = build_dataset(write_manifest(tmp_path / "m2", rows), plain, tmp_path / "out2", None)
     assert TWIN not in both.manifest["dropped"] and "held" in index(tmp_path / "out2")

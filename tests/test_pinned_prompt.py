@@ -26,13 +26,13 @@ FIT = get_advisor(ADV)
 # what an older YAML said: another system prompt, questions shown as typed
 OLD = replace(FIT, system_prompt="You turn questions about UK Feed-in-Tariff installations into a JSON "
                                  "filter. Capacities are always in kW. Write only the JSON object.",
-              input_case="as_typed", input_units=None, input_spelling=False)
+              input_case="as_typed", input_units=None, input_spelling=False, input_synonyms=None)
 
 
 def test_prompt_settings_round_trip_and_damage(tmp_path):
     write_prompt(tmp_path, OLD)
     assert read_prompt(tmp_path) == {"advisor": ADV, "system_prompt": OLD.system_prompt, "input_case": "as_typed",
-                                     "input_units": None, "input_spelling": False}
+                                     "input_units": None, "input_spelling": False, "input_synonyms": None}
     assert read_prompt(tmp_path / "nowhere") is None
     asked = FIT.asked_as(read_prompt(tmp_path))
     assert asked.schema == FIT.schema and asked.cases == FIT.cases and asked.retrieval == FIT.retrieval

@@ -239,6 +239,12 @@ def test_leakage_check_reads_the_index(dataset, tmp_path):
     assert not report.ok
     assert [g.key for g in report.leaked] == [normalize_text(test_q)]
     assert report.leaked[0].splits == {"train": 1, "test": 1}
+    # an example typed with another bound word reads as the test row does: a leak too
+    bounded = next(r["messages"][-2]["content"] for r in _rows(copy / "test.jsonl")
+                   if " max " in f' {r["messages"][-2]["content"]} ')
+    data["examples"][-1]["input"] = f' {bounded} '.replace(" max ", " no more than ").strip()
+    (copy / INDEX_FILE).write_text(json.dumps(data))
+    assert [g.key for g in check_leakage(copy).leaked] == [normalize_text(bounded)]
     (copy / INDEX_FILE).write_text("[]")
     report = check_leakage(copy)
     assert not report.ok and "format must be" in report.problems[0]

@@ -6,8 +6,8 @@ YAML file of the same shape into a workspace's advisors folder: no code needed. 
 exactly right), which every evaluation runs. An optional `retrieval: {k: N}` makes its prompts
 carry the N nearest solved training examples (`mondrian.core.retrieval`). An optional
 `input_case: lower` shows the model every typed input lower-cased (see `Advisor.messages`);
-`input_units` and `input_spelling` show its amounts in one unit and its misspelt words mended
-(`mondrian.core.rewrite`).
+`input_units`, `input_spelling` and `input_synonyms` show its amounts in one unit, its misspelt
+words mended and its phrases as canonical words (`mondrian.core.rewrite`).
 
 How the model is asked (the system prompt and the input settings) is pinned: `mondrian dataset` writes
 it beside the rows (`prompt.json`), training copies it into the adapter and publishing into
@@ -28,15 +28,15 @@ from pathlib import Path
 import jsonschema
 
 from mondrian.core.config import ConfigError, from_dict, load_yaml
-from mondrian.core.rewrite import Speller, Units, show
+from mondrian.core.rewrite import Speller, Synonyms, Units, show
 
 BUILTIN_DIR = Path(__file__).parents[1] / "advisors"
 INPUT_KINDS = ("text", "image")
 INPUT_CASES = ("as_typed", "lower")
 PROMPT_FILE = "prompt.json"  # a dataset's, adapter's or version's pinned prompt settings
 PROMPT_KEYS = ("advisor", "system_prompt", "input_case")
-PROMPT_OPTIONAL = ("input_units", "input_spelling")  # absent from files pinned before they existed: off
-_DEFAULTS = {"input_case": "as_typed", "input_units": None, "input_spelling": False}
+PROMPT_OPTIONAL = ("input_units", "input_spelling", "input_synonyms")  # absent from files pinned before they existed: off
+_DEFAULTS = {"input_case": "as_typed", "input_units": None, "input_spelling": False, "input_synonyms": None}
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class Advisor:
     # both part of the fingerprint, as input_case
     input_units: Units | None = None
     input_spelling: bool = False
+    input_synonyms: Synonyms | None = None
     # How prompts are built, not what an answer is: not part of the fingerprint either (the
     # index a version uses travels with the version, see mondrian.core.retrieval).
     retrieval: Retrieval | None = None
@@ -110,7 +111,13 @@ class Advisor:
         PROMPT_FILE holds."""
         return {"advisor": self.name, "system_prompt": self.system_prompt, "input_case": self.input_case,
                 "input_units": self.input_units.to_dict() if self.input_units else None,
-                "input_spelling": self.input_spelling}
+                "input_spelling": self.input_spelling,
+                "input_synonyms": self.input_synonyms.to_dict() if self.input_synonyms else None}
+
+    @property
+    def rewrites_input(self) -> bool:
+        """Whether `shown` does more than change letter case (any PROMPT_OPTIONAL setting on)."""
+        return any(self.prompt_settings()[k] != _DEFAULTS[k] for k in PROMPT_OPTIONAL)
 
     def asked_as(self, settings: dict | None) -> Advisor:
         """This contract asking with pinned `settings` (read_prompt) instead of its own prompt;
@@ -121,9 +128,7 @@ class Advisor:
         if settings["advisor"] != self.name:
             raise ConfigError(f"the pinned prompt is advisor {settings['advisor']!r}'s, not {self.name!r}'s")
         pinned = {"system_prompt": settings["system_prompt"], "input_case": settings["input_case"],
-                  "input_units": Units.check(settings["input_units"], "input_units")
-                  if settings.get("input_units") else None,
-                  "input_spelling": bool(settings.get("input_spelling", False))}
+                  **rewrites(settings, "the pinned prompt")}
         if all(getattr(self, k) == v for k, v in pinned.items()):
             return self
         return replace(self, **pinned)
@@ -167,7 +172,7 @@ class Advisor:
         """A typed input as the model reads it: lower-cased, misspellings mended (with the
         index's `speller`), then amounts in one unit, as this advisor asks. Idempotent."""
         return show(text, lower=self.input_case == "lower", units=self.input_units,
-                    speller=speller if self.input_spelling else None)
+                    speller=speller if self.input_spelling else None, synonyms=self.input_synonyms)
 
 
 
@@ -194,14 +199,24 @@ def read_prompt(folder: str | Path) -> dict | None:
                           f"(and optionally {', '.join(PROMPT_OPTIONAL)})")
     if data["input_case"] not in INPUT_CASES:
         raise ConfigError(f"{path}: input_case {data['input_case']!r} must be one of {', '.join(INPUT_CASES)}")
-    try:
-        if data.get("input_units") is not None:
-            Units.check(data["input_units"], "input_units")
-    except ValueError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if not isinstance(data.get("input_spelling", False), bool):
-        raise ConfigError(f"{path}: input_spelling must be true or false")
+    rewrites(data, str(path))
     return {**_DEFAULTS, **data}
+
+
+def rewrites(settings: dict, where: str) -> dict:
+    """The rewrite settings (PROMPT_OPTIONAL) of an advisor YAML or of pinned prompt settings,
+    checked, as Advisor fields (absent: off); a ConfigError naming `where` otherwise. The one
+    reader of them."""
+    units, spelling = settings.get("input_units"), settings.get("input_spelling", False)
+    synonyms = settings.get("input_synonyms")
+    try:
+        units = Units.check(units, "input_units") if units is not None else None
+        synonyms = Synonyms.check(synonyms, "input_synonyms") if synonyms is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not isinstance(spelling, bool):
+        raise ConfigError(f"{where}: input_spelling must be true or false, got {spelling!r}")
+    return {"input_units": units, "input_spelling": spelling, "input_synonyms": synonyms}
 
 
 def canonical(value):
@@ -319,28 +334,22 @@ def load_advisor(path: str | Path) -> Advisor:
         raise ConfigError(f"{path}: schema must describe a JSON object (type: object)")
     cases = _load_cases(path, data.get("cases", []), schema, cls)
     retrieval = _load_retrieval(path, data)
-    units, spelling = _load_rewrites(path, data, retrieval)
     return Advisor(name=str(data["name"]), input_kind=data["input_kind"],
                    system_prompt=str(data["system_prompt"]).strip(), schema=schema, source=str(path),
-                   cases=cases, retrieval=retrieval, input_case=input_case, input_units=units,
-                   input_spelling=spelling, _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
+                   cases=cases, retrieval=retrieval, input_case=input_case,
+                   **_load_rewrites(path, data, retrieval),
+                   _validator=cls(schema, format_checker=cls.FORMAT_CHECKER))
 
 
-def _load_rewrites(path: Path, data: dict, retrieval: Retrieval | None) -> tuple[Units | None, bool]:
-    units, spelling = data.get("input_units"), data.get("input_spelling", False)
-    if (units is not None or spelling) and data["input_kind"] != "text":
-        raise ConfigError(f"{path}: input_units and input_spelling rewrite typed text; this advisor takes "
+def _load_rewrites(path: Path, data: dict, retrieval: Retrieval | None) -> dict:
+    found = rewrites(data, str(path))
+    if any(v != _DEFAULTS[k] for k, v in found.items()) and data["input_kind"] != "text":
+        raise ConfigError(f"{path}: {', '.join(PROMPT_OPTIONAL)} rewrite typed text; this advisor takes "
                           f"{data['input_kind']}")
-    try:
-        units = Units.check(units, "input_units") if units is not None else None
-    except ValueError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if not isinstance(spelling, bool):
-        raise ConfigError(f"{path}: input_spelling must be true or false, got {spelling!r}")
-    if spelling and retrieval is None:
+    if found["input_spelling"] and retrieval is None:
         raise ConfigError(f"{path}: input_spelling mends words from the retrieval index's questions; "
                           "add retrieval: {k: N}")
-    return units, spelling
+    return found
 
 
 def _load_retrieval(path: Path, data: dict) -> Retrieval | None:

@@ -16,6 +16,12 @@ they change the text a model is taught on:
   word. The words are the index's, so the speller travels with the version, and a place only
   newly linked jobs name is known once it is in MIN_COUNT of their questions (reindex).
 
+- `input_synonyms: {max: [under, "up to", "{} or less", ...], min: [over, "{} plus", ...]}`: each
+  listed phrase (any case, whole words) is shown as its canonical word; "{}" stands for an
+  amount, so "100 kw or less" -> "max 100 kw". Like a search engine's synonym filter: a small
+  model learns one word per meaning from all the rows that say it any way, instead of each way
+  from its own few rows ("at most" was in 7 of 1,456 training questions; README, Training).
+
 Retrieval still matches the question as typed (its character n-grams survive typos, and its
 measured numbers stay true); only what the model reads is rewritten.
 """
@@ -27,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from typing import Any
 
@@ -65,7 +71,7 @@ class Units:
                 raise ValueError(f"{where}: factors: {unit}: {factor!r} is not a positive number")
         return cls(to.strip(), {str(u).lower(): factors[u] for u in factors})
 
-    @property
+    @cached_property
     def _pattern(self) -> re.Pattern:
         return _amounts(tuple(sorted(self.factors, key=len, reverse=True)))
 
@@ -99,15 +105,101 @@ def _times(number: str, factor: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def show(text: str, *, lower: bool = False, units: Units | None = None, speller: Speller | None = None) -> str:
-    """A typed input as a model reads it: lower-cased, misspellings mended, then amounts in one
-    unit (each step only where asked). Idempotent."""
+_AMOUNT = rf"(?P<amount>(?:{_NUMBER})(?:\s?[A-Za-z]+)?)"  # "{}" of a synonym: "100 kw", "5mw", "20"
+
+
+@dataclass(frozen=True)
+class Synonyms:
+    """The advisor YAML's `input_synonyms`: canonical word -> the phrases shown as it."""
+
+    table: dict
+
+    def to_dict(self) -> dict:
+        return {word: list(phrases) for word, phrases in self.table.items()}
+
+    @classmethod
+    def check(cls, value: object, where: str) -> Synonyms:
+        """`value` (a YAML or PROMPT_FILE mapping) as Synonyms; ValueError naming `where` otherwise."""
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"{where}: must map canonical words to lists of phrases")
+        seen: dict[str, str] = {}
+        for word, phrases in value.items():
+            if not (isinstance(word, str) and word.strip()) or "{}" in word:
+                raise ValueError(f"{where}: {word!r} is not a canonical word")
+            if not isinstance(phrases, list) or not phrases:
+                raise ValueError(f"{where}: {word}: must be a list of phrases")
+            for phrase in phrases:
+                if not isinstance(phrase, str) or not phrase.replace("{}", "").strip() or phrase.count("{}") > 1:
+                    raise ValueError(f"{where}: {word}: {phrase!r} is not a phrase (text, at most one {{}})")
+                key = " ".join(phrase.lower().split())
+                if seen.setdefault(key, word) != word:
+                    raise ValueError(f"{where}: {phrase!r} is listed under both {seen[key]!r} and {word!r}")
+        for word in value:  # a word shown as another would undo, or cycle
+            other = seen.get(" ".join(word.lower().split()), word)
+            if other != word:
+                raise ValueError(f"{where}: {word!r} is a canonical word and a phrase of {other!r}")
+        return cls({word.strip(): tuple(phrases) for word, phrases in value.items()})
+
+    @cached_property
+    def _pattern(self) -> tuple[re.Pattern, dict[str, str]]:
+        # One alternation, longest phrase first, so "no more than" wins over "more than".
+        named: dict[str, str] = {}
+        parts = []
+        for word, phrases in self.table.items():
+            for phrase in phrases:
+                name = f"p{len(named)}"
+                named[name] = word
+                parts.append((len(phrase), f"(?P<{name}>{_phrase(phrase, name)})"))
+        body = "|".join(p for _, p in sorted(parts, key=lambda p: -p[0]))
+        return re.compile(body, re.IGNORECASE), named
+
+    def rewrite(self, text: str) -> str:
+        """`text` with each listed phrase shown as its canonical word (until nothing changes)."""
+        pattern, named = self._pattern
+
+        def shown(m: re.Match) -> str:
+            group = str(m.lastgroup)  # the phrase's group: it closes after its amount's
+            amount = m.groupdict().get(f"{group}a")
+            out = f"{named[group]} {amount}" if amount else named[group]
+            before = m.string[m.start() - 1:m.start()]
+            after = m.string[m.end():m.end() + 1]
+            return (" " if before.isalnum() else "") + out + (" " if after.isalnum() else "")
+
+        # A pass can leave a phrase to show ("5 5 kw max" -> "5 max 5 kw"): each moves a word
+        # left past an amount, so as many passes as words reach the fixed point.
+        for _ in range(len(text.split()) + 1):
+            done = pattern.sub(shown, text)
+            if done == text:
+                break
+            text = done
+        return text
+
+
+def _phrase(phrase: str, name: str) -> str:
+    """A synonym phrase as a pattern: whole words, any spacing, "{}" an amount (group name+"a")."""
+    def words(part: str) -> str:
+        return r"\s+".join(map(re.escape, part.split()))
+
+    head, _, tail = phrase.strip().partition("{}")
+    body = words(head) if "{}" not in phrase else \
+        r"\s*".join(p for p in (words(head), _AMOUNT.replace("amount", f"{name}a"), words(tail)) if p)
+    text = phrase.strip()
+    return (r"(?<!\w)" if text[0].isalnum() or text.startswith("{}") else "") + body + \
+        (r"(?!\w)" if text[-1].isalnum() or text.endswith("{}") else "")
+
+
+def show(text: str, *, lower: bool = False, units: Units | None = None, speller: Speller | None = None,
+         synonyms: Synonyms | None = None) -> str:
+    """A typed input as a model reads it: lower-cased, misspellings mended, amounts in one
+    unit, then phrases as their canonical words (each step only where asked). Idempotent."""
     if lower:
         text = text.lower()
     if speller is not None:
         text = speller.mend(text)
     if units is not None:
         text = units.rewrite(text)
+    if synonyms is not None:
+        text = synonyms.rewrite(text)
     return text
 
 

@@ -6,12 +6,12 @@ proves that. Every row's prompt then carries its k examples (covering or nearest
 `retrieval.method`), never one of its own group (a row must not see its own answer, nor a
 re-asked copy of it).
 
-An advisor that rewrites questions (`input_units`, `input_spelling`) can make two questions typed
-differently read alike ("solar 1 mw in kenf", "solar 1000kw in kent"). A row never sees an
-example that reads as it does, and of rows that read alike in more than one split only those
-of the first split (train, valid, test) are kept (`held_out_twins`; the others are dropped with
-a reason in the dataset's stats): the model would otherwise be taught, or validated on, the
-very text it is tested on.
+An advisor that rewrites questions (`input_units`, `input_spelling`, `input_synonyms`) can make
+two questions typed differently read alike ("solar under 1 mw in kenf", "solar below 1000kw in
+kent"). A row never sees an example that reads as it does, and of rows
+that read alike in more than one split only those of the first split (train, valid, test) are
+kept (`held_out_twins`; the others are dropped with a reason in the dataset's stats): the model
+would otherwise be taught, or validated on, the very text it is tested on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mondrian.dataset.rows import Row
 from mondrian.dataset.splits import SPLITS
 from mondrian.link.linker import normalize_text
 
-TWIN = "reads as a question of an earlier split once rewritten (input_units / input_spelling)"
+TWIN = "reads as a question of an earlier split once rewritten (input_units / input_spelling / input_synonyms)"
 
 
 def build_index(advisor: Advisor, train: list[Row]) -> RetrievalIndex:
@@ -45,7 +45,7 @@ def _reads(advisor: Advisor, index: RetrievalIndex) -> Callable[[str], str]:
 def held_out_twins(advisor: Advisor, index: RetrievalIndex, rows: list[Row]) -> list[Row]:
     """Valid and test rows whose question reads as a row of another group in an earlier split
     does. (One group in two splits is the splitter's fault: the leakage check reports it.)"""
-    if advisor.input_units is None and not advisor.input_spelling:
+    if not advisor.rewrites_input:
         return []  # lower-casing alone keeps groups apart: they are normalized text already
     reads = _reads(advisor, index)
     keyed = [(r, reads(r.text), SPLITS.index(r.split)) for r in rows if r.text]

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mondrian.core.config import ConfigError
-from mondrian.core.contracts import read_prompt
+from mondrian.core.contracts import PROMPT_FILE, read_prompt, rewrites
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import INDEX_FILE, RetrievalError, RetrievalIndex
-from mondrian.core.rewrite import Units, show
+from mondrian.core.rewrite import show
 from mondrian.dataset.splits import SPLITS
 from mondrian.link.linker import normalize_text  # one definition of "the same input"
 
@@ -91,10 +91,15 @@ def _index_keys(out: Path, where: dict[str, Counter[str]], problems: list[str]) 
     except (RetrievalError, ConfigError) as exc:
         problems.append(str(exc))
         return 0
-    units = Units.check(pinned["input_units"], "input_units") if pinned.get("input_units") else None
-    speller = index.speller if pinned.get("input_spelling") else None
+    try:
+        asked = rewrites(pinned, str(out / PROMPT_FILE))
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return 0
+    speller = index.speller if asked["input_spelling"] else None
     for example in index.examples:
-        key = normalize_text(show(example.input, units=units, speller=speller))  # as the rows show it
+        key = normalize_text(show(example.input, units=asked["input_units"], speller=speller,
+                                        synonyms=asked["input_synonyms"]))  # as the rows show it
         if key:
             where.setdefault(key, Counter())["train"] += 1
     return len(index.examples)

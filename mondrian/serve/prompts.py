@@ -27,12 +27,12 @@ class Prompts:
                  max_tokens: int, asked_of: Asked):
         self.worker, self.text, self.image = worker, text, image
         self.max_tokens, self.asked_of = max_tokens, asked_of
-        # by (prompt settings, id(index)): versions asked alike share one prompt
+        # by (asked fingerprint, id(index)): versions asked alike share one prompt
         self._built: dict[tuple, tuple[Prompt, list[str]]] = {}
 
     def _build(self, version: str | None) -> tuple[Prompt, list[str]]:
         advisor, index = self.asked_of(version)
-        key = (json.dumps(advisor.prompt_settings(), sort_keys=True), id(index) if index is not None else 0)
+        key = (advisor.fingerprint, id(index) if index is not None else 0)  # the prompt settings are in it
         if key not in self._built:
             if isinstance(self.worker, VisionWorker):
                 messages, _ = prompt_messages(advisor, self.text, image=True)
