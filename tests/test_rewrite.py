@@ -116,12 +116,16 @@ def test_synonyms_refuse_a_bad_setting(bad, match):
         Synonyms.check(bad, "input_synonyms")
 
 
-def test_fit_query_shows_every_bound_as_max_or_min():
+def test_fit_query_shows_bounds_money_and_places_in_one_word_each():
     assert FIT.shown("Wind power sites in County Durham at most 100 kW") == "wind power sites in county durham max 100 kw"
     assert FIT.shown("three megawatt plus wind in wales") == "min 3000 kw wind in wales"  # units first
     assert FIT.shown("pv in cornwall 1.5 MW or more") == "pv in cornwall min 1500 kw"
     assert FIT.shown("sites not over 5 mw") == "sites max 5000 kw"
     assert FIT.shown("which solar farms make the most money") == "which solar farms make the most money"
+    assert FIT.shown("regionally adjusted income, and earnings") == "regionally adjusted revenue, and revenue"
+    assert FIT.shown("Notts PV over 30 kW") == "nottinghamshire pv min 30 kw"
+    assert FIT.shown("wind turbines in N. Ireland or co durham") == "wind turbines in northern ireland or county durham"
+    assert FIT.shown("the ne postcode area; glossop") == "the ne postcode area; glossop"  # whole phrases only
 
 
 def _questions() -> list[str]:
