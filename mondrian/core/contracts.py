@@ -170,7 +170,8 @@ class Advisor:
 
     def shown(self, text: str, speller: Speller | None = None) -> str:
         """A typed input as the model reads it: lower-cased, misspellings mended (with the
-        index's `speller`), then amounts in one unit, as this advisor asks. Idempotent."""
+        index's `speller`), amounts in one unit, then phrases as their canonical words, as this
+        advisor asks. Idempotent."""
         return show(text, lower=self.input_case == "lower", units=self.input_units,
                     speller=speller if self.input_spelling else None, synonyms=self.input_synonyms)
 

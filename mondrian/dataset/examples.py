@@ -8,10 +8,10 @@ re-asked copy of it).
 
 An advisor that rewrites questions (`input_units`, `input_spelling`, `input_synonyms`) can make
 two questions typed differently read alike ("solar under 1 mw in kenf", "solar below 1000kw in
-kent"). A row never sees an example that reads as it does, and of rows
-that read alike in more than one split only those of the first split (train, valid, test) are
-kept (`held_out_twins`; the others are dropped with a reason in the dataset's stats): the model
-would otherwise be taught, or validated on, the very text it is tested on.
+kent"). A row never sees an example that reads as it does, and of rows that read alike in more
+than one split only those of the first split (train, valid, test) are kept (`held_out_twins`;
+the others are dropped with a reason in the dataset's stats): the model would otherwise be
+taught, or validated on, the very text it is tested on.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def _index_keys(out: Path, where: dict[str, Counter[str]], problems: list[str]) 
     speller = index.speller if asked["input_spelling"] else None
     for example in index.examples:
         key = normalize_text(show(example.input, units=asked["input_units"], speller=speller,
-                                        synonyms=asked["input_synonyms"]))  # as the rows show it
+                                  synonyms=asked["input_synonyms"]))  # as the rows show it
         if key:
             where.setdefault(key, Counter())["train"] += 1
     return len(index.examples)
