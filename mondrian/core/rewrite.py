@@ -151,7 +151,9 @@ class Synonyms:
                 named[name] = word
                 parts.append((len(phrase), f"(?P<{name}>{_phrase(phrase, name)})"))
         body = "|".join(p for _, p in sorted(parts, key=lambda p: -p[0]))
-        return re.compile(body, re.IGNORECASE), named
+        # Every phrase starts after a non-word character or with one (`_phrase`): saying so once
+        # up front skips the positions inside words, instead of trying each phrase there.
+        return re.compile(rf"(?:(?<!\w)|(?=[^\w\s]|_))(?:{body})", re.IGNORECASE), named
 
     def rewrite(self, text: str) -> str:
         """`text` with each listed phrase shown as its canonical word (until nothing changes)."""
