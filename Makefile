@@ -69,6 +69,7 @@ bench: data
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_service.py
 	$(PY) scripts/bench_retrieval.py
+	$(PY) scripts/bench_rewrite.py
 	$(PY) scripts/bench_latency.py
 	$(PY) scripts/bench_dist.py
 
