@@ -117,7 +117,7 @@ class Advisor:
     @property
     def rewrites_input(self) -> bool:
         """Whether `shown` does more than change letter case (any PROMPT_OPTIONAL setting on)."""
-        return any(self.prompt_settings()[k] != _DEFAULTS[k] for k in PROMPT_OPTIONAL)
+        return _rewriting(self.prompt_settings())
 
     def asked_as(self, settings: dict | None) -> Advisor:
         """This contract asking with pinned `settings` (read_prompt) instead of its own prompt;
@@ -218,6 +218,11 @@ def rewrites(settings: dict, where: str) -> dict:
     if not isinstance(spelling, bool):
         raise ConfigError(f"{where}: input_spelling must be true or false, got {spelling!r}")
     return {"input_units": units, "input_spelling": spelling, "input_synonyms": synonyms}
+
+
+def _rewriting(settings: dict) -> bool:
+    """Whether any rewrite setting (PROMPT_OPTIONAL) in `settings` is on."""
+    return any(settings[k] != _DEFAULTS[k] for k in PROMPT_OPTIONAL)
 
 
 def canonical(value):
@@ -344,7 +349,7 @@ def load_advisor(path: str | Path) -> Advisor:
 
 def _load_rewrites(path: Path, data: dict, retrieval: Retrieval | None) -> dict:
     found = rewrites(data, str(path))
-    if any(v != _DEFAULTS[k] for k, v in found.items()) and data["input_kind"] != "text":
+    if _rewriting(found) and data["input_kind"] != "text":
         raise ConfigError(f"{path}: {', '.join(PROMPT_OPTIONAL)} rewrite typed text; this advisor takes "
                           f"{data['input_kind']}")
     if found["input_spelling"] and retrieval is None:
