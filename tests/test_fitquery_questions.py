@@ -149,6 +149,34 @@ def test_critical_cases_exact(parts: tuple, question: str, answer: dict) -> None
     assert list(a) == list(answer)  # key order is canonical too
 
 
+def test_lists_said_word_by_word() -> None:
+    # "non-" glues onto every word, and a comparison may repeat its joiner: people type both
+    assert excluding(["wind", "PV"], "non-", " ") == (
+        "non-wind non-PV", {"exclude_technologies": ["Wind", "Photovoltaic"]})
+    assert excluding(["hydro", "biogas"], "non-", ",")[0] == "non-hydro, non-biogas"
+    assert excluding(["hydro", "biogas"], "non-")[0] == "non-hydro and non-biogas"
+    assert excluding(["hydro", "biogas"], "except")[0] == "except hydro and biogas"
+    assert technologies(["hydro", "wind", "PV"], "versus", repeat=True) == (
+        "hydro versus wind versus PV", {"technologies": ["Hydro", "Wind", "Photovoltaic"]})
+    assert technologies(["hydro", "wind", "PV"], "vs")[0] == "hydro, wind vs PV"
+    # ... and the generator emits each shape, with its answer
+    examples = generate(3000, seed=2, typo_rate=0.0)
+    shapes = {
+        "not": re.compile(r"\bnon-[a-z ]+(,| and)? non-"),
+        "comparison": re.compile(r"\b(vs\.?|versus) .+ \b(vs\.?|versus) "),
+        "aggregation": re.compile(r"^how many .*\b(in total|total|altogether)\b"),
+    }
+    for category, shape in shapes.items():
+        hits = [e for e in examples if e.category == category and shape.search(e.question.lower())]
+        assert hits, category
+    assert all(len(e.answer["exclude_technologies"]) == 2 for e in examples
+               if e.category == "not" and shapes["not"].search(e.question.lower()))
+    assert all(len(e.answer["technologies"]) == 3 for e in examples
+               if e.category == "comparison" and shapes["comparison"].search(e.question.lower()))
+    assert all(e.answer["aggregation"] == "count" for e in examples
+               if e.category == "aggregation" and shapes["aggregation"].search(e.question.lower()))
+
+
 def test_generator_uses_the_critical_shape() -> None:
     # "<tech> <noun> over <n>kw in <place>" must be a shape the generator emits, lowercase and clean.
     questions = [e.question for e in generate(3000, seed=1, typo_rate=0.0)]

@@ -36,28 +36,34 @@ def technology(word: str) -> Phrase:
     return word, {"technology": _TECH_KEYS[word.lower()]}
 
 
-def _join(words: Sequence[str], joiner: str) -> str:
+def _join(words: Sequence[str], joiner: str, repeat: bool = False) -> str:
+    """"a, b and c"; with `repeat`, the joiner between every pair: "a vs b vs c"."""
     if len(words) == 1:
         return words[0]
+    if repeat:
+        return f" {joiner} ".join(words)
     return f"{', '.join(words[:-1])} {joiner} {words[-1]}"
 
 
-def technologies(words: Sequence[str], joiner: str = "and") -> Phrase:
-    """Two or more technologies in the order mentioned: "wind and solar", "AD vs CHP"."""
+def technologies(words: Sequence[str], joiner: str = "and", repeat: bool = False) -> Phrase:
+    """Two or more technologies in the order mentioned: "wind and solar", "AD vs CHP",
+    "solar vs AD vs CHP" (`repeat`)."""
     canon = [_TECH_KEYS[w.lower()] for w in words]
     if len(set(canon)) != len(canon) or len(canon) < 2:
         raise ValueError(f"need >= 2 distinct technologies, got {words}")
-    return _join(words, joiner), {"technologies": canon}
+    return _join(words, joiner, repeat), {"technologies": canon}
 
 
 def excluding(words: Sequence[str], lead: str = "excluding", joiner: str = "and") -> Phrase:
-    """Ruled-out technologies: "excluding wind and hydro"; a lead ending in "-" glues on
-    ("non-wind")."""
+    """Ruled-out technologies: "excluding wind and hydro"; a lead ending in "-" glues onto
+    each word ("non-wind", "non-hydro non-wind", "non-wind and non-solar")."""
     canon = [_TECH_KEYS[w.lower()] for w in words]
     if len(set(canon)) != len(canon):
         raise ValueError(f"repeated technology in {words}")
-    sep = "" if lead.endswith("-") else " "
-    return f"{lead}{sep}{_join(words, joiner)}", {"exclude_technologies": canon}
+    if lead.endswith("-"):
+        sep = {" ": " ", ",": ", "}.get(joiner, f" {joiner} ")
+        return sep.join(f"{lead}{w}" for w in words), {"exclude_technologies": canon}
+    return f"{lead} {_join(words, joiner)}", {"exclude_technologies": canon}
 
 
 def place(name: str, prep: str = "in") -> Phrase:

@@ -83,6 +83,7 @@ _LEADS = (
     "are there any",
     "where are the",
 )
+_IN_TOTAL = ("in total", "total", "altogether", "are there in total")
 _PREPS = ("in", "in", "in", "located in", "based in", "across", "within")
 _KW_VALUES = (5, 10, 20, 25, 30, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750)
 _MW_VALUES = ("0.5", "1", "1.5", "2", "2.5", "3", "5", "10")
@@ -216,10 +217,10 @@ def _t_comparison(rng: random.Random) -> tuple[str, Fields]:
     k = 3 if rng.random() < 0.15 else 2
     words = _distinct_techs(rng, k)
     choice = rng.randrange(5)
-    if k == 3 or choice == 0:
-        parts: list[Part] = ["compare", technologies(words)]
-    elif choice == 1:
-        parts = [technologies(words, rng.choice(("vs", "versus", "vs.")))]
+    if choice == 1:  # "wind vs solar", "solar vs ad vs chp"
+        parts: list[Part] = [technologies(words, rng.choice(("vs", "versus", "vs.")), repeat=True)]
+    elif k == 3 or choice == 0:
+        parts = ["compare", technologies(words)]
     elif choice == 2:
         parts = ["how does", technologies(words, rng.choice(("compare with", "compare to")))]
     elif choice == 3:
@@ -247,7 +248,10 @@ def _t_aggregation(rng: random.Random) -> tuple[str, Fields]:
     kind = rng.randrange(3)
     if kind == 0:
         lead = rng.choice(("how many", "count", "count the", "number of", "total number of"))
-        tail = ["are there"] if lead == "how many" and rng.random() < 0.5 else []
+        tail = []
+        if lead == "how many":  # "how many wind turbines are there", "... in total"
+            r = rng.random()
+            tail = ["are there"] if r < 0.5 else [rng.choice(_IN_TOTAL)] if r < 0.75 else []
         return compose("aggregation", aggregation("count", lead), *subject, *tail, *where, *extra)
     if kind == 1:
         lead = rng.choice(
@@ -307,12 +311,16 @@ def _t_or(rng: random.Random) -> tuple[str, Fields]:
 def _t_not(rng: random.Random) -> tuple[str, Fields]:
     where: list[Part] = [_place(rng)] if rng.random() < 0.6 else []
     extra: list[Part] = _capacity(rng) if rng.random() < 0.25 else []
-    if rng.random() < 0.25:  # "non-wind sites in Kent"
+    if rng.random() < 0.25:  # "non-wind sites in Kent", "non-hydro non-wind sites"
         word = rng.choice(_ADJ_TECH_WORDS)
+        words = [word]
+        if rng.random() < 0.35:
+            words += [w for w in _distinct_techs(rng, 2, _ADJ_TECH_WORDS)
+                      if TECHNOLOGY_SYNONYMS[w] != TECHNOLOGY_SYNONYMS[word]][:1]
         return compose(
             "search",
             rng.choice(_LEADS),
-            excluding([word], "non-"),
+            excluding(words, "non-", rng.choice((" ", ",", "and"))),
             rng.choice(_NOUNS),
             *where,
             *extra,
