@@ -382,6 +382,40 @@ def test_mix_alpha_draws_rare_answer_shapes_more_often():
         TrainConfig(mix_alpha=2).check()
 
 
+def test_the_stratified_mix_spreads_each_shape_and_repeats_no_row():
+    """mix_draw: stratified gives every shape its count**alpha quota, spread through the epoch
+    (a run of the first 300 steps holds each share to within 2 rows, where random draws
+    miss by chance), and repeats no row while its shape has rows left."""
+    from collections import Counter
+
+    import numpy as np
+
+    from mondrian.train.config import TrainConfig
+    from mondrian.train.text import batch_plan, stratified_order
+
+    shapes = ["a"] * 700 + ["b"] * 200 + ["c"] * 90 + ["d"] * 10
+    counts = Counter(shapes)
+    share = {k: v ** 0.75 for k, v in counts.items()}
+    total = sum(share.values())
+    plan = batch_plan([10] * 1000, 1, seed=3, epoch=0, bucket=1, strata=(shapes, 0.75))
+    assert plan == batch_plan([10] * 1000, 1, seed=3, epoch=0, bucket=1, strata=(shapes, 0.75))
+    assert plan != batch_plan([10] * 1000, 1, seed=3, epoch=1, bucket=1, strata=(shapes, 0.75))
+    order = [b[0] for b in plan]
+    assert len(order) == 1000
+    full = Counter(shapes[i] for i in order)
+    for k in counts:
+        assert abs(full[k] - 1000 * share[k] / total) < 1  # the quota, rounded
+        first = Counter(shapes[i] for i in order[:300])
+        assert abs(first[k] - 300 * share[k] / total) <= 2  # spread, not bunched
+        drawn = [i for i in order if shapes[i] == k]
+        # without replacement: a row comes back only after its shape's every row was drawn
+        assert len(set(drawn[:counts[k]])) == min(len(drawn), counts[k])
+    # alpha 1 is the data's own mix: one permutation of the rows
+    assert sorted(stratified_order(shapes, 1.0, np.random.default_rng(0))) == list(range(1000))
+    with pytest.raises(ConfigError, match="mix_draw must be"):
+        TrainConfig(mix_draw="sorted").check()
+
+
 def test_a_shorter_run_replans_the_recipes_cosine_decay():
     """A 64-step run of the recipe (the demo's length when this was written): the replanned
     schedule warms up in proportion and ends at the recipe's last rate, where the recipe's own

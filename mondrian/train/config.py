@@ -75,6 +75,12 @@ class TrainConfig:
     # multilingual pre-training, Conneau et al. 2020). Rows whose answer is not a JSON object
     # form one shape.
     mix_alpha: float = 1.0
+    # How the mix draws an epoch's rows: `random`, each row drawn independently with replacement
+    # by its shape's share; `stratified`, each shape given its share as a quota spread evenly
+    # through the epoch (any run of steps holds every shape's share to within one row), its
+    # rows drawn without replacement. At batch 1 a run sees a third of an epoch, and random
+    # draws leave a rare shape's count (and which of its rows) to chance.
+    mix_draw: str = "random"
 
     def check(self) -> None:
         if self.fine_tune_type != "lora":
@@ -95,6 +101,8 @@ class TrainConfig:
                     "keep_checkpoints"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer (got {getattr(self, key)!r})")
+        if self.mix_draw not in ("random", "stratified"):
+            raise ConfigError(f"mix_draw must be 'random' or 'stratified' (got {self.mix_draw!r})")
         if self.answer_turns not in ("last", "all"):
             raise ConfigError(f"answer_turns must be 'last' or 'all' (got {self.answer_turns!r})")
         if self.answer_turns == "all" and not self.mask_prompt:

@@ -125,17 +125,44 @@ def answer_spans(tokenizer, messages: list[dict], tokens: list[int], where: str)
     return spans
 
 
+def stratified_order(shapes: list[str], alpha: float, rng: np.random.Generator) -> list[int]:
+    """An epoch of len(shapes) draws: each shape's quota is its count**alpha share (largest
+    remainders), its draws spread evenly through the epoch (draw j of m at (j + U) / m), its
+    rows taken without replacement (a fresh permutation per pass), so any run of steps holds
+    each shape's share to within about one row."""
+    names, index, counts = np.unique(np.array(shapes, dtype=object), return_inverse=True, return_counts=True)
+    share = counts.astype(np.float64) ** alpha
+    exact = len(shapes) * share / share.sum()
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[: len(shapes) - quota.sum()]] += 1
+    keys, rows = [], []
+    for g in range(len(names)):
+        members = np.flatnonzero(index == g)
+        passes = -(-quota[g] // len(members))
+        rows.append(np.concatenate([rng.permutation(members) for _ in range(passes)])[: quota[g]])
+        keys.append((np.arange(quota[g]) + rng.random(quota[g])) / max(quota[g], 1))
+    rows_all, keys_all = np.concatenate(rows), np.concatenate(keys)
+    return rows_all[np.argsort(keys_all, kind="stable")].tolist()
+
+
 def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: int,
-               weights: np.ndarray | None = None) -> list[list[int]]:
+               weights: np.ndarray | None = None, strata: tuple[list[str], float] | None = None
+               ) -> list[list[int]]:
     """The batches of one epoch, a pure function of its arguments (so resume can replay it).
 
     Rows are shuffled, then sorted by length inside windows of `bucket` batches (less
     padding; bucket 1 keeps every batch a random draw), cut into batches, and the batch order
     shuffled. A short last batch is filled from the start of the epoch so every row trains
     once per epoch. With `weights` (the data mix), an epoch is as many rows drawn with
-    replacement by those probabilities.
+    replacement by those probabilities; with `strata` (shapes, alpha: the stratified mix) it is
+    `stratified_order`, and the batches keep that order (shuffling them would undo the spread).
     """
     rng = np.random.default_rng([seed, epoch])
+    if strata is not None:
+        order = stratified_order(strata[0], strata[1], rng)
+        if len(order) % batch_size:
+            order += order[: batch_size - len(order) % batch_size]
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     order = (rng.permutation(len(lengths)) if weights is None
              else rng.choice(len(lengths), size=len(lengths), p=weights)).tolist()
     if len(order) % batch_size:
@@ -339,6 +366,7 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
 
     lengths_all = [len(t) for t in split.tokens]
     weights = mix_weights(split.shapes, cfg.mix_alpha) if split.shapes else None
+    strata = (split.shapes, cfg.mix_alpha) if split.shapes and cfg.mix_draw == "stratified" else None
     per_epoch = math.ceil(len(split) / cfg.batch_size)
     plans: dict[int, list[list[int]]] = {}
     grads = [None]  # gradient carried across accumulation steps
@@ -348,7 +376,7 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
         epoch, pos = divmod(step - 1, per_epoch)
         if epoch not in plans:
             plans = {epoch: batch_plan(lengths_all, cfg.batch_size, cfg.seed, epoch, cfg.bucket_batches,
-                                        weights)}
+                                        weights, strata)}
         fault_injection(w, step)
         idx = w.shard(plans[epoch][pos])
         batch, lengths = make_batch(split, idx, cfg.max_seq_length)
