@@ -8,10 +8,11 @@ can copy it. Reported per method: field coverage@k, rows with every field covere
 lists covered (the place table the model would otherwise memorise), and query time.
 
 Methods: the shipped coverage choice (mondrian.core.retrieval: the k of the 64 nearest that
-together cover the question's character n-grams best), the plain k nearest by TF-IDF over
-character n-grams within words (scikit-learn, 2-4 and 3-5), TF-IDF over words (1-2), BM25 over
-words (bm25s), and k random examples as the floor. The two char_wb 2-4 rows run the library's
-own `RetrievalIndex.nearest`.
+together cover the question's character n-grams best), the same comparing questions as
+fit-query shows them (rewritten), the plain k nearest by TF-IDF over
+character n-grams within words (scikit-learn, 2-4 shown and typed, and 3-5), TF-IDF over words
+(1-2), BM25 over words (bm25s), and k random examples as the floor. The four char_wb 2-4 rows
+run the library's own `RetrievalIndex.nearest`.
 
     python scripts/bench_retrieval.py [--workspace workspace] [--k 4] [--out scripts/results/bench_retrieval.json]
 """
@@ -30,7 +31,15 @@ import numpy as np
 
 import mondrian  # noqa: F401  (BLAS preload before anything imports mlx)
 from mondrian.core.contracts import Retrieval, get_advisor
-from mondrian.core.retrieval import COVER, METHOD, NEAREST, Example, RetrievalIndex
+from mondrian.core.retrieval import (
+    COVER,
+    COVER_SHOWN,
+    METHOD,
+    NEAREST,
+    NEAREST_SHOWN,
+    Example,
+    RetrievalIndex,
+)
 from mondrian.dataset.examples import build_index
 from mondrian.dataset.rows import collect_rows, read_manifest
 from mondrian.dataset.splits import DEFAULT_RATIOS, DEFAULT_SALT
@@ -79,16 +88,22 @@ def top_k(make):
 
 
 def library(method: str):
-    """mondrian's own index with `method` (what training rows, eval and the service use)."""
+    """mondrian's own index with `method` (what training rows, eval and the service use); the
+    SHOWN methods compare questions as fit-query shows them, as `prompt_messages` has them do."""
     def choose(inputs: list[str]):
-        index = RetrievalIndex([Example(q, "{}", str(i)) for i, q in enumerate(inputs)], 1, method).fit()
+        index = RetrievalIndex([Example(q, "{}", str(i)) for i, q in enumerate(inputs)], 1, method)
+        advisor = get_advisor("fit-query")
+        speller = index.speller if advisor.input_spelling else None
+        index.viewed_as(advisor.fingerprint, lambda t: advisor.shown(t, speller)).fit()
         return lambda q, k: [int(e.group) for e in index.nearest(q, k)]
     return choose
 
 
 METHODS = {
     f"{COVER} (shipped)": library(COVER),
+    f"{COVER_SHOWN} (as shown)": library(COVER_SHOWN),
     f"{NEAREST} (k nearest)": library(NEAREST),
+    f"{NEAREST_SHOWN} (k nearest, as shown)": library(NEAREST_SHOWN),
     "tfidf char_wb 3-5": top_k(tfidf("char_wb", (3, 5))),
     "tfidf word 1-2": top_k(tfidf("word", (1, 2))),
     "bm25s word": top_k(bm25),

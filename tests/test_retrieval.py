@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 from mondrian.core.config import ConfigError
-from mondrian.core.contracts import Retrieval, get_advisor, load_advisor
+from mondrian.core.contracts import RETRIEVAL_METHODS, Retrieval, get_advisor, load_advisor
 from mondrian.core.fingerprint import file_sha256
 from mondrian.core.retrieval import (
+    BY_NAME,
     COVER,
+    COVER_SHOWN,
     INDEX_FILE,
     NEAREST,
+    NEAREST_SHOWN,
     Example,
     RetrievalError,
     RetrievalIndex,
@@ -36,6 +39,7 @@ def _example(question: str, answer: dict) -> Example:
 
 
 def _index(k: int = 2) -> RetrievalIndex:
+    """The default method: questions compared as typed, no advisor's view needed."""
     rows = [(f"{tech} sites in {place}", {"query_type": "search", "technology": t, "postcode_patterns": pc})
             for place, pc in PLACES.items() for tech, t in (("wind", "Wind"), ("solar", "Photovoltaic"))]
     rows.append(("what is the fit rate for fit id 12", {"query_type": "fit_rate", "fit_id": "12"}))
@@ -81,6 +85,31 @@ def test_cover_shows_each_part_of_the_question_where_nearest_shows_one_part_four
     # the excluded group is never a candidate for coverage either
     assert "hydro schemes across yorkshire" not in [
         e.input for e in RetrievalIndex(examples, 2, COVER).nearest(question, exclude_groups={examples[6].group})]
+
+
+def test_shown_methods_compare_questions_as_the_advisor_shows_them():
+    """The model reads "berks" as "berkshire" (fit-query's input_synonyms): a SHOWN index finds
+    the example the model will read alike, where typed text finds one that merely looks alike."""
+    advisor = get_advisor(ADV)
+    examples = [_example("wind farms in bucks", {"query_type": "search", "technology": "Wind"}),
+                _example("wind turbines in berkshire", {"query_type": "search", "technology": "Wind",
+                                                        "postcode_patterns": PLACES["berkshire"]})]
+    question = "wind farms in berks"
+    typed = RetrievalIndex(examples, 1, NEAREST)
+    shown = RetrievalIndex(examples, 1, NEAREST_SHOWN)
+    with pytest.raises(RetrievalError, match="compares questions as an advisor shows them"):
+        shown.nearest(question)  # without the advisor's view it cannot know what alike means
+    view = lambda t: advisor.shown(t)  # noqa: E731
+    assert typed.viewed_as(advisor.fingerprint, view).nearest(question)[0].input == "wind farms in bucks"
+    assert shown.viewed_as(advisor.fingerprint, view).nearest(question)[0].input == "wind turbines in berkshire"
+    # prompt_messages gives the index its advisor's view; the shots are shown rewritten
+    messages, got = prompt_messages(advisor, question, RetrievalIndex(examples, 1, COVER_SHOWN))
+    assert [e.input for e in got] == ["wind turbines in berkshire"]
+    assert messages[-1]["content"] == "wind farms in berkshire"
+    # the YAML names both ways; an index written with the typed method is still asked as typed
+    assert {BY_NAME[m] for m in RETRIEVAL_METHODS} == {COVER, NEAREST, COVER_SHOWN, NEAREST_SHOWN}
+    _, got = prompt_messages(advisor, question, RetrievalIndex(examples, 1, NEAREST))
+    assert [e.input for e in got] == ["wind farms in bucks"]
 
 
 def test_an_index_keeps_the_method_it_was_written_with(tmp_path):
@@ -148,7 +177,7 @@ def test_advisor_yaml_retrieval_block(tmp_path):
         load_advisor(plain)
     for bad, message in [("retrieval: {k: 0}", "k must be an integer in 1..32"),
                          ("retrieval: {k: 4, metric: cosine}", "unknown key"),
-                         ("retrieval: {k: 4, method: bm25}", "method must be cover or nearest"),
+                         ("retrieval: {k: 4, method: bm25}", "method must be one of cover, nearest, cover-shown"),
                          ("retrieval: 4", "must be a mapping")]:
         path = tmp_path / "bad.yaml"
         path.write_text(src.replace("retrieval: {k: 3}", bad))

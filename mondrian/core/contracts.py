@@ -58,6 +58,10 @@ class Case:
     expect: dict
 
 
+# `-shown`: questions compared as the advisor shows them to the model, not as typed
+RETRIEVAL_METHODS = ("cover", "nearest", "cover-shown", "nearest-shown")
+
+
 @dataclass(frozen=True)
 class Retrieval:
     """The advisor YAML's `retrieval:` block: how many solved examples each prompt shows, and
@@ -369,8 +373,8 @@ def _load_retrieval(path: Path, data: dict) -> Retrieval | None:
     got = from_dict(Retrieval, data["retrieval"], where)
     if isinstance(got.k, bool) or not isinstance(got.k, int) or not 1 <= got.k <= 32:
         raise ConfigError(f"{where}: k must be an integer in 1..32, got {got.k!r}")
-    if got.method not in ("cover", "nearest"):
-        raise ConfigError(f"{where}: method must be cover or nearest, got {got.method!r}")
+    if got.method not in RETRIEVAL_METHODS:
+        raise ConfigError(f"{where}: method must be one of {', '.join(RETRIEVAL_METHODS)}, got {got.method!r}")
     return got
 
 

@@ -162,12 +162,13 @@ class ControlPlane:
             return
         try:
             path = self.registry.resolve(advisor, version, worker.fingerprint)
-            index = RetrievalIndex.load(path / INDEX_FILE).fit() if (path / INDEX_FILE).is_file() else None
+            index = RetrievalIndex.load(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else None
             pinned = read_prompt(path)
             asked = self.contracts[advisor].asked_as(pinned)  # refused here if another advisor's
-            if asked.input_spelling and index is not None:
-                index.speller.warm()
             asked.shown("1 mw")  # loads what rewriting needs (text2num) before a request does
+            if index is not None:  # fitted now, compared as this version's prompts show questions
+                speller = index.speller.warm() if asked.input_spelling else None
+                index.viewed_as(asked.fingerprint, lambda t: asked.shown(t, speller)).fit()
             worker.load(advisor, version, path)
             self._indexes[(advisor, version)], self._asked[(advisor, version)] = index, asked
         except (RegistryError, EngineError, RetrievalError, ConfigError) as exc:
