@@ -80,6 +80,15 @@ def test_cover_shows_each_part_of_the_question_where_nearest_shows_one_part_four
     cover = RetrievalIndex(examples, 2, COVER).nearest(question)
     assert RetrievalIndex(examples, 2).method == COVER  # the default
     assert all("kent" in e.input for e in nearest), [e.input for e in nearest]
+    # the -shown methods choose as their typed twins do, over the shown text ("yorks" reads
+    # "yorkshire"; these examples' questions read as typed)
+    advisor = get_advisor(ADV)
+    for asked in (question, "Hydro sites in Kent"):  # the second: nearest and cover differ
+        shown = advisor.shown(asked)
+        for method, typed in ((NEAREST_SHOWN, NEAREST), (COVER_SHOWN, COVER)):
+            got = RetrievalIndex(examples, 2, method).viewed_as(advisor.fingerprint, advisor.shown).nearest(asked)
+            assert got == RetrievalIndex(examples, 2, typed).nearest(shown), (asked, method)
+    assert advisor.shown(question) == "wind sites in yorkshire"
     assert [e.input for e in cover] == ["wind sites in kent", "hydro schemes across yorkshire"]  # most similar first
     assert json.loads(cover[1].answer)["postcode_patterns"] == PLACES["yorkshire"]
     # the excluded group is never a candidate for coverage either

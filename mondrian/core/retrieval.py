@@ -192,7 +192,7 @@ class RetrievalIndex:
         scores = (self._matrix @ query.T).toarray().ravel()
         order = [int(i) for i in np.argsort(-scores, kind="stable")  # stable: equal scores keep index order
                  if self.examples[i].group not in exclude_groups]
-        if self.method == NEAREST:
+        if self.method in (NEAREST, NEAREST_SHOWN):
             chosen = order[:k]
         else:
             pool = order[:COVER_POOL]
