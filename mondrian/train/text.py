@@ -137,6 +137,8 @@ def stratified_order(shapes: list[str], alpha: float, rng: np.random.Generator) 
     quota[np.argsort(-(exact - quota), kind="stable")[: len(shapes) - quota.sum()]] += 1
     keys, rows = [], []
     for g in range(len(names)):
+        if quota[g] == 0:  # cannot happen for alpha <= 1 (each quota >= count**alpha >= 1)
+            continue
         members = np.flatnonzero(index == g)
         passes = -(-quota[g] // len(members))
         rows.append(np.concatenate([rng.permutation(members) for _ in range(passes)])[: quota[g]])
@@ -155,16 +157,16 @@ def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucke
     shuffled. A short last batch is filled from the start of the epoch so every row trains
     once per epoch. With `weights` (the data mix), an epoch is as many rows drawn with
     replacement by those probabilities; with `strata` (shapes, alpha: the stratified mix) it is
-    `stratified_order`, and the batches keep that order (shuffling them would undo the spread).
+    `stratified_order`, and the batches keep that order (shuffling them would undo the spread;
+    length windows only reorder rows inside a window).
     """
     rng = np.random.default_rng([seed, epoch])
     if strata is not None:
         order = stratified_order(strata[0], strata[1], rng)
-        if len(order) % batch_size:
-            order += order[: batch_size - len(order) % batch_size]
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    order = (rng.permutation(len(lengths)) if weights is None
-             else rng.choice(len(lengths), size=len(lengths), p=weights)).tolist()
+    elif weights is not None:
+        order = rng.choice(len(lengths), size=len(lengths), p=weights).tolist()
+    else:
+        order = rng.permutation(len(lengths)).tolist()
     if len(order) % batch_size:
         order += order[: batch_size - len(order) % batch_size]
     window = batch_size * bucket
@@ -172,7 +174,7 @@ def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucke
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    return batches if strata is not None else [batches[i] for i in rng.permutation(len(batches))]
 
 
 def make_batch(split: Split, idx: list[int], max_seq_length: int) -> tuple[mx.array, mx.array]:
