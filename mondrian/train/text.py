@@ -98,12 +98,18 @@ def answer_shape(row: dict) -> str:
     return ",".join(sorted(value)) if isinstance(value, dict) else ""
 
 
+def _shape_counts(shapes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shape number and each shape's row count (shapes in sorted order)."""
+    _, index, counts = np.unique(np.array(shapes, dtype=object), return_inverse=True, return_counts=True)
+    return index, counts
+
+
 def mix_weights(shapes: list[str], alpha: float) -> np.ndarray | None:
     """Per-row draw probabilities giving each shape a share proportional to count**alpha
     (None: alpha 1, the data's own mix)."""
     if alpha == 1:
         return None
-    _, index, counts = np.unique(np.array(shapes, dtype=object), return_inverse=True, return_counts=True)
+    index, counts = _shape_counts(shapes)
     per_row = counts[index].astype(np.float64) ** (alpha - 1.0)
     return per_row / per_row.sum()
 
@@ -130,19 +136,19 @@ def stratified_order(shapes: list[str], alpha: float, rng: np.random.Generator) 
     remainders), its draws spread evenly through the epoch (draw j of m at (j + U) / m), its
     rows taken without replacement (a fresh permutation per pass), so any run of steps holds
     each shape's share to within about one row."""
-    names, index, counts = np.unique(np.array(shapes, dtype=object), return_inverse=True, return_counts=True)
+    index, counts = _shape_counts(shapes)
     share = counts.astype(np.float64) ** alpha
     exact = len(shapes) * share / share.sum()
     quota = np.floor(exact).astype(int)
     quota[np.argsort(-(exact - quota), kind="stable")[: len(shapes) - quota.sum()]] += 1
     keys, rows = [], []
-    for g in range(len(names)):
+    for g in range(len(counts)):
         if quota[g] == 0:  # cannot happen for alpha <= 1 (each quota >= count**alpha >= 1)
             continue
         members = np.flatnonzero(index == g)
         passes = -(-quota[g] // len(members))
         rows.append(np.concatenate([rng.permutation(members) for _ in range(passes)])[: quota[g]])
-        keys.append((np.arange(quota[g]) + rng.random(quota[g])) / max(quota[g], 1))
+        keys.append((np.arange(quota[g]) + rng.random(quota[g])) / quota[g])
     rows_all, keys_all = np.concatenate(rows), np.concatenate(keys)
     return rows_all[np.argsort(keys_all, kind="stable")].tolist()
 
@@ -367,8 +373,8 @@ def make_step(model: nn.Module, optimizer, loss_fn: Callable, split: Split,
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
 
     lengths_all = [len(t) for t in split.tokens]
-    weights = mix_weights(split.shapes, cfg.mix_alpha) if split.shapes else None
     strata = (split.shapes, cfg.mix_alpha) if split.shapes and cfg.mix_draw == "stratified" else None
+    weights = mix_weights(split.shapes, cfg.mix_alpha) if split.shapes and strata is None else None
     per_epoch = math.ceil(len(split) / cfg.batch_size)
     plans: dict[int, list[list[int]]] = {}
     grads = [None]  # gradient carried across accumulation steps
