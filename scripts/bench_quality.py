@@ -150,7 +150,7 @@ def train_ours(config: dict, out: Path, budget_s: float | None, env: dict | None
 
 
 def score(adapter: Path | None, data: Path, out: Path, arms: str, questions: Path | None = None,
-          max_tokens: int = 96) -> dict:
+          max_tokens: int = 128) -> dict:
     """`mondrian eval` of the given arms; {arm: headline metrics} (the whole report: out/report.json)."""
     cmd = [sys.executable, "-m", "mondrian.cli", "eval", "--model", "smollm2-135m", "--advisor", ADV,
            "--data", str(data), "--arms", arms, "--max-tokens", str(max_tokens), "--db", str(out / "runs.db"),
@@ -200,7 +200,8 @@ def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str
     plain = stretched(new, factor)
     # a checkpoint every 7 steps, so a run the budget stops keeps its last step's adapter anyway
     eval_every = {"steps_per_eval": 100_000, "val_batches": 1}
-    out: dict = {"length_ratio": round(factor, 2), "iters_b": plain["iters"], "iters_c": new["iters"]}
+    out: dict = {"length_ratio": round(factor, 2), "iters_b": plain["iters"], "iters_c": new["iters"],
+                 "max_tokens": 128}
     if base:
         for name, data in sets.items():
             out[f"base ({name} prompts)"] = {"scores": scores(None, data, tmp / f"base-{name}", "base,base_constrained")}
@@ -321,7 +322,7 @@ def part_recipe(ws: Path, tmp: Path, variants: list[str], kept: dict | None,
                          "val_loss_first": val[0] if val else None, "val_loss_best": min(val) if val else None}
         for name, questions in (("test", None), ("handwritten", HANDWRITTEN)):
             out = folder / "eval" / name
-            score(folder / "run", data, out, "adapter_constrained", questions, max_tokens=128)
+            score(folder / "run", data, out, "adapter_constrained", questions)
             m = json.loads((out / "report.json").read_text())["arms"]["adapter_constrained"]
             result[name] = {k: m.get(k) for k in ("exact_match", "field_accuracy", "compliance", "longest_tokens",
                                                   "truncated")} | {"fields": _per_field(out / "report.json")}

@@ -177,6 +177,34 @@ def test_lists_said_word_by_word() -> None:
                if e.category == "aggregation" and shapes["aggregation"].search(e.question.lower()))
 
 
+def test_word_orders_people_type() -> None:
+    # flags trailing the subject, revenue asked as what sites earn, no technology with a place
+    # and a bound, and "or" without a noun: each emitted, each with its answer
+    examples = generate(3000, seed=2, typo_rate=0.0)
+
+    def hits(category: str, pattern: str) -> list[Example]:
+        found = [e for e in examples
+                 if e.category == category and re.search(pattern, e.question.lower())]
+        assert found, (category, pattern)
+        return found
+
+    trailing = hits("regional_revenue", r", (regionally adjusted|regional adjusted|region-adjusted"
+                                        r"|adjusted for region|with regional adjustment)$")
+    assert all(e.answer.get("include_regional") for e in trailing)
+    assert any(e.answer.get("include_revenue") for e in trailing)
+    earns = hits("regional_revenue", r"\b(make|earn|bring in) the most")
+    assert all(e.answer.get("include_revenue") and "aggregation" not in e.answer for e in earns)
+    # the place may come first: "devon wind revenue, ..."
+    assert any(e.question.split()[0].lower() in {p.lower() for p in PLACES} for e in trailing + earns)
+    plain = [e for e in examples if e.category == "combined"
+             and "technology" not in e.answer and "technologies" not in e.answer]
+    assert plain and all("postcode_patterns" in e.answer and
+                         {"capacity_min_kw", "capacity_max_kw"} & set(e.answer) for e in plain)
+    nouns = re.compile(r"\b(sites|installations|projects|schemes|systems)\b")
+    bare = [e for e in examples if e.category == "or" and not nouns.search(e.question.lower())]
+    assert bare and all(len(e.answer["technologies"]) >= 2 for e in bare)
+
+
 def test_generator_uses_the_critical_shape() -> None:
     # "<tech> <noun> over <n>kw in <place>" must be a shape the generator emits, lowercase and clean.
     questions = [e.question for e in generate(3000, seed=1, typo_rate=0.0)]

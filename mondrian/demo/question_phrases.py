@@ -152,5 +152,5 @@ def compose(query_type: str, *parts: Part) -> tuple[str, Fields]:
             if key in fields:  # two phrases claiming one field is a template bug
                 raise ValueError(f"field {key!r} set twice in {parts}")
             fields[key] = value
-    question = " ".join(" ".join(texts).split())
+    question = " ".join(" ".join(texts).split()).replace(" ,", ",")  # a "," part ends a word
     return question, {k: fields[k] for k in FIELD_ORDER if k in fields}

@@ -185,7 +185,12 @@ def _t_size(rng: random.Random) -> tuple[str, Fields]:
 def _t_combined(rng: random.Random) -> tuple[str, Fields]:
     cap, where = _capacity(rng), [_place(rng)]
     tail = cap + where if rng.random() < 0.6 else where + cap
-    return compose("search", rng.choice(_LEADS), *_tech_noun(rng), *tail)
+    lead, subject = rng.choice(_LEADS), _tech_noun(rng)
+    # no technology: "installations in devon under 2mw"; drawn last, so the other rows keep
+    # the text they had before this shape was added
+    if rng.random() < 0.2:
+        subject = [rng.choice(_GENERIC)]
+    return compose("search", lead, *subject, *tail)
 
 
 def _t_fit_rate(rng: random.Random) -> tuple[str, Fields]:
@@ -291,10 +296,52 @@ def _t_regional_revenue(rng: random.Random) -> tuple[str, Fields]:
     where: list[Part] = [_place(rng)] if rng.random() < 0.4 else []
     if rng.random() < 0.7:  # "show regional adjusted revenue for all wind farms"
         lead = rng.choice(("show", "show me", "get", "calculate", "what is the", ""))
-        return compose(
+        asked = compose(
             "search", lead, *flags, "for", rng.choice(("all", "all", "")), *_tech_noun(rng), *where
         )
-    return compose("search", rng.choice(_LEADS), *_tech_noun(rng), *where, "with", *flags)
+    else:
+        asked = compose("search", rng.choice(_LEADS), *_tech_noun(rng), *where, "with", *flags)
+    # two word orders people type and the forms above miss, drawn last so the other rows keep
+    # their text: the flags trailing the subject, and revenue asked as what a site earns
+    shape = rng.random()
+    if shape < 0.2:
+        return _flags_trailing(rng)
+    if shape < 0.3:
+        return _earnings(rng)
+    return asked
+
+
+_EARNS = ("make the most money", "earn the most", "earn the most money", "make the most",
+          "bring in the most")
+
+
+def _subject_where(rng: random.Random) -> list[Part]:
+    """A technology (or generic) subject with an optional place before or after it."""
+    subject: list[Part] = _tech_noun(rng) if rng.random() < 0.8 else [rng.choice(_GENERIC)]
+    where = rng.random()
+    if where < 0.3:  # "devon wind farms"
+        return [place(rng.choice(tuple(PLACES)), prep=""), *subject]
+    return [*subject, _place(rng)] if where < 0.7 else subject
+
+
+def _flags_trailing(rng: random.Random) -> tuple[str, Fields]:
+    """"devon wind revenue, regionally adjusted", "hydro sites in kent, regional adjusted"."""
+    reg = regional(rng.choice(("regionally adjusted", "regional adjusted", "region-adjusted",
+                               "adjusted for region", "with regional adjustment")))
+    rev = revenue(rng.choice(("revenue", "income", "earnings")))
+    kind = rng.randrange(3)
+    if kind == 0:  # both: "<subject> revenue, regionally adjusted"
+        return compose("search", *_subject_where(rng), rev, ",", reg)
+    if kind == 1:
+        return compose("search", *_subject_where(rng), ",", reg)
+    return compose("search", *_subject_where(rng), rng.choice((",", "", "and")), rev)
+
+
+def _earnings(rng: random.Random) -> tuple[str, Fields]:
+    """Revenue asked as a verb: "which solar farms in devon earn the most"."""
+    lead = rng.choice(("which", "which", "what", "show the", "find the"))
+    that = "that" if lead.endswith("the") else ""
+    return compose("search", lead, *_subject_where(rng), that, revenue(rng.choice(_EARNS)))
 
 
 def _t_or(rng: random.Random) -> tuple[str, Fields]:
@@ -305,6 +352,10 @@ def _t_or(rng: random.Random) -> tuple[str, Fields]:
         parts.append(_place(rng))
     if rng.random() < 0.3:
         parts += _capacity(rng)
+    # without the noun when a place or size follows: "hydro or wind in kent"; drawn last, so
+    # the other rows keep their text
+    if len(parts) > 3 and rng.random() < 0.3:
+        del parts[2]
     return compose("search", *parts)
 
 
