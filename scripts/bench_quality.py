@@ -76,6 +76,7 @@ NEW_RECIPE = ROOT / "lora" / "fit-query.yaml"
 OLD_RECIPE = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
               "batch_size": 8, "learning_rate": 2e-4, "mask_prompt": True, "max_seq_length": 256}
 ADV = "fit-query"
+MAX_TOKENS = 128  # every score decodes up to this, as the README's recipe evaluation does
 OURS_DEFAULTS = {k: getattr(TrainConfig(), k) for k in ("bucket_batches", "answer_only_logits")}
 # One setting of the old recipe changed at a time: (config overrides, environment).
 ABLATIONS = {
@@ -150,7 +151,7 @@ def train_ours(config: dict, out: Path, budget_s: float | None, env: dict | None
 
 
 def score(adapter: Path | None, data: Path, out: Path, arms: str, questions: Path | None = None,
-          max_tokens: int = 128) -> dict:
+          max_tokens: int = MAX_TOKENS) -> dict:
     """`mondrian eval` of the given arms; {arm: headline metrics} (the whole report: out/report.json)."""
     cmd = [sys.executable, "-m", "mondrian.cli", "eval", "--model", "smollm2-135m", "--advisor", ADV,
            "--data", str(data), "--arms", arms, "--max-tokens", str(max_tokens), "--db", str(out / "runs.db"),
@@ -201,7 +202,7 @@ def part_arms(sets: dict[str, Path], tmp: Path, budget_s: float, model_path: str
     # a checkpoint every 7 steps, so a run the budget stops keeps its last step's adapter anyway
     eval_every = {"steps_per_eval": 100_000, "val_batches": 1}
     out: dict = {"length_ratio": round(factor, 2), "iters_b": plain["iters"], "iters_c": new["iters"],
-                 "max_tokens": 128}
+                 "max_tokens": MAX_TOKENS}
     if base:
         for name, data in sets.items():
             out[f"base ({name} prompts)"] = {"scores": scores(None, data, tmp / f"base-{name}", "base,base_constrained")}
