@@ -92,9 +92,7 @@ def library(method: str):
     SHOWN methods compare questions as fit-query shows them, as `prompt_messages` has them do."""
     def choose(inputs: list[str]):
         index = RetrievalIndex([Example(q, "{}", str(i)) for i, q in enumerate(inputs)], 1, method)
-        advisor = get_advisor("fit-query")
-        speller = index.speller if advisor.input_spelling else None
-        index.viewed_as(advisor.fingerprint, lambda t: advisor.shown(t, speller)).fit()
+        index.viewed_by(get_advisor("fit-query")).fit()
         return lambda q, k: [int(e.group) for e in index.nearest(q, k)]
     return choose
 

@@ -158,6 +158,12 @@ class RetrievalIndex:
             self._vectorizer = self._matrix = None
         return self
 
+    def viewed_by(self, advisor: Advisor) -> RetrievalIndex:
+        """`viewed_as` the advisor's own view: its `shown`, mending spelling with this index's
+        speller where the advisor does."""
+        speller = self.speller if advisor.input_spelling else None
+        return self.viewed_as(advisor.fingerprint, lambda t: advisor.shown(t, speller))
+
     def _compared(self, text: str) -> str:
         if not self.compares_shown:
             return text
@@ -227,7 +233,6 @@ def prompt_messages(advisor: Advisor, text: str | None, index: RetrievalIndex | 
     # the model reads questions as the advisor shows them; a SHOWN index compares them so too
     speller = index.speller if index is not None and advisor.input_spelling else None
     if index is not None and not image and text and text.strip():
-        index.viewed_as(advisor.fingerprint, lambda t: advisor.shown(t, speller))
-        examples = index.nearest(text, exclude_groups=frozenset(exclude_groups))
+        examples = index.viewed_by(advisor).nearest(text, exclude_groups=frozenset(exclude_groups))
     shots = [(e.input, e.answer) for e in reversed(examples)]  # most similar next to the question
     return advisor.messages(text, image=image, examples=shots, speller=speller), examples

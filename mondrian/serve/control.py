@@ -167,8 +167,9 @@ class ControlPlane:
             asked = self.contracts[advisor].asked_as(pinned)  # refused here if another advisor's
             asked.shown("1 mw")  # loads what rewriting needs (text2num) before a request does
             if index is not None:  # fitted now, compared as this version's prompts show questions
-                speller = index.speller.warm() if asked.input_spelling else None
-                index.viewed_as(asked.fingerprint, lambda t: asked.shown(t, speller)).fit()
+                if asked.input_spelling:
+                    index.speller.warm()
+                index.viewed_by(asked).fit()
             worker.load(advisor, version, path)
             self._indexes[(advisor, version)], self._asked[(advisor, version)] = index, asked
         except (RegistryError, EngineError, RetrievalError, ConfigError) as exc:
